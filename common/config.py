@@ -1,0 +1,228 @@
+"""Typed configuration: one site's YAML and the run-wide Flower config.
+
+A site's YAML is plain data parsed into a frozen ``SiteConfig``; every error
+names the file and the key. The run-wide values come from
+``[tool.flwr.app.config]`` (or ``--run-config`` overrides) and are parsed once
+into a frozen ``RunConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from common.schema import LABS, PHASES, image_column
+
+TREATMENTS = ("resection", "ablation", "transplant")
+
+
+class ConfigError(ValueError):
+    """A configuration file is wrong; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class LabRange:
+    """A site's unit and reference range for one lab (in the site's unit)."""
+
+    unit: str
+    lower: float
+    upper: float
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a site turns volumes into network inputs.
+
+    The crop is a cube of ``crop_voxels`` voxels of ``spacing_mm`` each, centred
+    on the largest tumour, so it keeps the tumour's physical size.
+    """
+
+    spacing_mm: float = 2.0
+    crop_voxels: int = 32
+    normalisation: str = "zscore_box"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's settings. Paths are absolute once loaded."""
+
+    site_id: str
+    data_root: Path
+    manifest: Path
+    phase_columns: dict[str, str]
+    mask_column: str
+    mask_phase: str
+    labs: dict[str, LabRange]
+    treatment: str
+    cache_dir: Path
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    source: Path | None = None
+
+
+def _require(mapping: Mapping[str, Any], key: str, where: str, kind: type | tuple) -> Any:
+    if key not in mapping:
+        raise ConfigError(f"{where}: missing key '{key}'")
+    value = mapping[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def _parse_labs(raw: Mapping[str, Any], where: str) -> dict[str, LabRange]:
+    labs: dict[str, LabRange] = {}
+    unknown = sorted(set(raw) - set(LABS))
+    if unknown:
+        raise ConfigError(f"{where}: key 'labs' has unknown labs {unknown}; known: {sorted(LABS)}")
+    for lab, spec in LABS.items():
+        key = f"labs.{lab}"
+        entry = _require(raw, lab, f"{where}: key 'labs'", dict)
+        unit = _require(entry, "unit", f"{where}: key '{key}'", str)
+        if unit not in spec.conversions:
+            raise ConfigError(
+                f"{where}: key '{key}.unit' is {unit!r}; known units for {lab}: "
+                f"{sorted(spec.conversions)}"
+            )
+        lower = float(_require(entry, "lower", f"{where}: key '{key}'", (int, float)))
+        upper = float(_require(entry, "upper", f"{where}: key '{key}'", (int, float)))
+        if not lower < upper:
+            raise ConfigError(f"{where}: key '{key}' needs lower < upper, got {lower} and {upper}")
+        labs[lab] = LabRange(unit=unit, lower=lower, upper=upper)
+    return labs
+
+
+def _parse_preprocessing(raw: Mapping[str, Any], where: str) -> Preprocessing:
+    known = {f.name for f in fields(Preprocessing)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: key 'preprocessing' has unknown keys {unknown}; known: {sorted(known)}")
+    prep = Preprocessing(**raw)
+    if prep.spacing_mm <= 0 or prep.crop_voxels < 8:
+        raise ConfigError(f"{where}: key 'preprocessing' needs spacing_mm > 0 and crop_voxels >= 8")
+    if prep.normalisation not in ("zscore_box",):
+        raise ConfigError(f"{where}: key 'preprocessing.normalisation' must be 'zscore_box'")
+    return prep
+
+
+def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
+    """Validate a site's YAML mapping. Relative paths are relative to ``source``'s folder."""
+    where = str(source)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    base = source.parent
+    site_id = _require(raw, "site_id", where, str)
+    data_root = (base / _require(raw, "data_root", where, str)).resolve()
+    manifest = data_root / raw.get("manifest", "manifest.csv")
+    phases_raw = raw.get("phases", {p: image_column(p) for p in PHASES})
+    if not isinstance(phases_raw, Mapping) or set(phases_raw) != set(PHASES):
+        raise ConfigError(
+            f"{where}: key 'phases' must map each of {list(PHASES)} to a manifest column, got {phases_raw!r}"
+        )
+    mask_phase = raw.get("mask_phase", "portal")
+    if mask_phase not in PHASES:
+        raise ConfigError(f"{where}: key 'mask_phase' must be one of {list(PHASES)}, got {mask_phase!r}")
+    treatment = raw.get("treatment", "resection")
+    if treatment not in TREATMENTS:
+        raise ConfigError(f"{where}: key 'treatment' must be one of {list(TREATMENTS)}, got {treatment!r}")
+    cache_dir = (base / raw.get("cache_dir", f"../.cache/{site_id}")).resolve()
+    prep = _parse_preprocessing(raw.get("preprocessing", {}) or {}, where)
+    known = {"site_id", "data_root", "manifest", "phases", "mask_column", "mask_phase",
+             "labs", "treatment", "cache_dir", "preprocessing"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    return SiteConfig(
+        site_id=site_id,
+        data_root=data_root,
+        manifest=manifest,
+        phase_columns={p: str(phases_raw[p]) for p in PHASES},
+        mask_column=str(raw.get("mask_column", "mask")),
+        mask_phase=mask_phase,
+        labs=_parse_labs(_require(raw, "labs", where, dict), where),
+        treatment=treatment,
+        cache_dir=cache_dir,
+        preprocessing=prep,
+        source=source.resolve(),
+    )
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate one site's YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: site config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_site_config(raw, path)
+
+
+def site_config_to_yaml(config: SiteConfig) -> str:
+    """Serialise a loaded config back to YAML, with absolute paths."""
+    raw = {
+        "site_id": config.site_id,
+        "data_root": str(config.data_root),
+        "manifest": str(config.manifest.relative_to(config.data_root)),
+        "phases": dict(config.phase_columns),
+        "mask_column": config.mask_column,
+        "mask_phase": config.mask_phase,
+        "treatment": config.treatment,
+        "cache_dir": str(config.cache_dir),
+        "preprocessing": {f.name: getattr(config.preprocessing, f.name) for f in fields(Preprocessing)},
+        "labs": {k: {"unit": v.unit, "lower": v.lower, "upper": v.upper} for k, v in config.labs.items()},
+    }
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-wide settings, from ``[tool.flwr.app.config]`` and ``--run-config``.
+
+    Keys use Flower's kebab-case (``num-server-rounds``); unknown keys are
+    rejected so a typo never silently falls back to a default.
+    """
+
+    num_server_rounds: int = 20
+    local_epochs: int = 1
+    learning_rate: float = 0.002
+    batch_size: int = 16
+    seed: int = 0
+    encoder: str = "cnn"
+    encoder_width: int = 12
+    site_configs: tuple[str, ...] = ()
+    run_dir: str = "runs/flwr-run"
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"run config: unknown keys {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            f = known[key]
+            if f.name == "site_configs":
+                value = tuple(s.strip() for s in str(value).split(",") if s.strip())
+            elif f.type in ("int", int):
+                value = int(value)
+            elif f.type in ("float", float):
+                value = float(value)
+            else:
+                value = str(value)
+            values[f.name] = value
+        config = cls(**values)
+        if config.num_server_rounds < 1 or config.local_epochs < 1 or config.batch_size < 1:
+            raise ConfigError("run config: num-server-rounds, local-epochs and batch-size must be >= 1")
+        return config
+
+    def to_flwr(self) -> dict[str, Any]:
+        """The ``--run-config`` form (kebab-case keys, Flower-compatible values)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+        return out
