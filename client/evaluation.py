@@ -1,0 +1,29 @@
+"""What a site sends after evaluating a model: fixed-size histograms, never rows.
+
+The early-recurrence logits go into per-class score histograms (for the pooled
+AUC and its DeLong CI); the Cox log-risks into (time bin x score bin)
+histograms of events and of all patients (for the pooled C-index). The array
+shapes depend only on the grid, not on the number of patients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.metrics.summaries import SummaryGrid, site_summary
+
+AUC_KEYS = ("auc_pos", "auc_neg")
+CINDEX_KEYS = ("cidx_event", "cidx_all")
+
+
+def evaluation_summary(logits: np.ndarray, log_risk: np.ndarray, labels: np.ndarray,
+                       times: np.ndarray, events: np.ndarray,
+                       grid: SummaryGrid | None = None) -> dict[str, np.ndarray]:
+    """Histograms of one site's predictions: AUC arrays from the logits, C-index arrays from the risks."""
+    grid = grid or SummaryGrid()
+    labels = np.asarray(labels)
+    from_logits = site_summary(labels, logits, times, events, grid)
+    from_risks = site_summary(labels, log_risk, times, events, grid)
+    out = {key: from_logits[key] for key in AUC_KEYS}
+    out.update({key: from_risks[key] for key in CINDEX_KEYS})
+    return out

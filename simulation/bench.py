@@ -1,0 +1,103 @@
+"""`make bench`: throughput figures measured side by side in one run.
+
+- site preparation: patients per second with 1 worker and with all cores;
+- local training: seconds per sample per training step of the fusion model
+  (CNN encoder, demo width) and of the clinical-only model;
+- pooled evaluation: seconds to pool the summaries of 3 sites.
+Prints a table and writes ``runs/bench/bench.json``. Ratios are what to compare
+across machines; absolute times are for this machine only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.prepare import prepare_site
+from client.site_data import site_split
+from client.training import TrainSettings, train_local
+from common.config import load_site_config, site_config_to_yaml
+from common.metrics.summaries import SummaryGrid, site_summary
+from common.models.fusion import build_model
+from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from server.federated_eval import pooled_figures
+from simulation.cohort import DEFAULT_SITES, synthesize_cohort
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_preparation(work: Path, n_patients: int = 24) -> dict[str, float]:
+    profile = dataclasses.replace(DEFAULT_SITES[0], n_patients=n_patients)
+    synthesize_cohort(work / "data", seed=0, sites=(profile,), workers=os.cpu_count() or 1, progress=False)
+    config = load_site_config(profile.config_path)
+    out = {}
+    for workers in sorted({1, os.cpu_count() or 1}):
+        site_config = dataclasses.replace(config, data_root=work / "data" / profile.site_id,
+                                          manifest=work / "data" / profile.site_id / "manifest.csv",
+                                          cache_dir=work / f"cache-{workers}")
+        path = work / f"site-{workers}.yaml"
+        path.write_text(site_config_to_yaml(site_config))
+        start = time.perf_counter()
+        prepare_site(load_site_config(path), workers=workers, progress=False)
+        out[f"prepare_cases_per_s_workers_{workers}"] = n_patients / (time.perf_counter() - start)
+        start = time.perf_counter()
+        prepare_site(load_site_config(path), workers=workers, progress=False)
+        out[f"prepare_cached_s_workers_{workers}"] = time.perf_counter() - start
+    return out
+
+
+def bench_training(work: Path, batch: int = 16) -> dict[str, float]:
+    config = load_site_config(next(work.glob("site-1.yaml")))
+    data = site_split(prepare_site(config, workers=1, progress=False), "train", 0)
+    out = {}
+    for encoder in ("cnn", "none"):
+        model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=12)
+        settings = TrainSettings(epochs=1, batch_size=batch)
+        seconds = _median_time(lambda: train_local(model, data, settings, torch.device("cpu")))
+        out[f"train_s_per_sample_{encoder}"] = seconds / len(data)
+    return out
+
+
+def bench_pooling() -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    grid = SummaryGrid()
+    summaries = [site_summary(rng.integers(-1, 2, n), rng.normal(size=n), rng.exponential(30, n),
+                              rng.integers(0, 2, n), grid) for n in (200, 120, 80)]
+    return {"pool_3_sites_s": _median_time(lambda: pooled_figures(summaries))}
+
+
+def main() -> None:
+    results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results.update(bench_preparation(work))
+        results.update(bench_training(work))
+    results.update(bench_pooling())
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = REPO_ROOT / "runs" / "bench" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The main job: synthetic hospitals -> preparation -> federated training -> report.
+
+Besides the federated model (trained through Flower's simulation engine on a
+real local SuperLink) it trains, in this process and with the same code and
+the same number of epochs, the references a federation is judged against:
+the centralized model on the pooled training data, each hospital alone, and a
+clinical-only model. Every model is evaluated on the same test patients
+through the same site-summary path; the oracle row (the generator's true risk)
+says how close to the best possible they come. Only this module reads the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from client.evaluation import evaluation_summary
+from client.prepare import PreparedSite, prepare_site
+from client.site_data import pooled_split, site_split
+from client.training import TrainSettings, predict, train_local
+from common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
+from common.models.fusion import build_model
+from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from server.federated_eval import pooled_figures
+from server.report import write_report
+from simulation.cohort import DEFAULT_SITES, SiteProfile, oracle_path, synthesize_cohort
+from simulation.flower_runner import flwr_run
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What `hccfed simulate` runs. Defaults are sized for the demo on 2 CPU cores."""
+
+    data_dir: Path = REPO_ROOT / "data" / "synthetic"
+    runs_dir: Path = REPO_ROOT / "runs"
+    cache_dir: Path = REPO_ROOT / ".cache" / "prepared"
+    seed: int = 0
+    rounds: int = 20
+    local_epochs: int = 1
+    learning_rate: float = 0.002
+    batch_size: int = 16
+    encoder_width: int = 12
+    sites: tuple[SiteProfile, ...] = DEFAULT_SITES
+    run_id: str | None = None
+    workers: int | None = None
+    baselines: bool = True
+
+
+def _say(message: str) -> None:
+    print(f"[hccfed {datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def ensure_cohort(settings: SimulationSettings, echo: Callable[[str], None] = _say) -> None:
+    """Generate the synthetic cohort unless the same one is already on disk."""
+    info_path = settings.data_dir / "cohort.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        wanted = {s.site_id: s.n_patients for s in settings.sites}
+        if info.get("seed") == settings.seed and info.get("counts") == wanted:
+            echo(f"synthetic cohort found in {settings.data_dir}")
+            return
+    echo(f"generating the synthetic cohort in {settings.data_dir} (seed {settings.seed})")
+    synthesize_cohort(settings.data_dir, seed=settings.seed, sites=settings.sites,
+                      workers=settings.workers or 2, progress=True)
+
+
+def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:
+    """Each site's YAML with absolute paths into this cohort, written into the run folder."""
+    paths = []
+    for profile in settings.sites:
+        config = load_site_config(profile.config_path)
+        config = replace(config, data_root=(settings.data_dir / profile.site_id).resolve(),
+                         manifest=(settings.data_dir / profile.site_id / "manifest.csv").resolve(),
+                         cache_dir=(settings.cache_dir / profile.site_id).resolve())
+        path = run_dir / "sites" / f"{profile.site_id}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(site_config_to_yaml(config))
+        paths.append(path)
+    return paths
+
+
+def evaluate_on_test(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
+    """Pooled and per-site test figures through the same histogram path as a federated run."""
+    summaries = {}
+    for site in sites:
+        data = site_split(site, "test", seed)
+        logits, risks = predict(model, data)
+        summaries[site.site_id] = evaluation_summary(logits, risks, data.labels.numpy(),
+                                                     data.times.numpy(), data.events.numpy())
+    return {"test": pooled_figures(list(summaries.values())),
+            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()}}
+
+
+def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites: list[PreparedSite],
+                    run: RunConfig, encoder: str, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Train one in-process reference model for rounds x local_epochs epochs and test it."""
+    started = time.time()
+    model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()),
+                        width=run.encoder_width, seed=run.seed)
+    data = pooled_split(sites_for_training, "train", run.seed)
+    epochs = run.num_server_rounds * run.local_epochs
+    torch.manual_seed(run.seed)
+    for epoch in range(epochs):
+        train_local(model, data, TrainSettings(epochs=1, learning_rate=run.learning_rate,
+                                               batch_size=run.batch_size, seed=run.seed * 1000 + epoch))
+    result = evaluate_on_test(model, all_sites, run.seed)
+    result["seconds"] = time.time() - started
+    result["train_patients"] = len(data)
+    echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f} "
+         f"({result['seconds']:.0f} s)")
+    return result
+
+
+def oracle_figures(settings: SimulationSettings, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
+    """The generator's true risk on the same test patients: the best any model can do."""
+    oracle = pd.read_csv(oracle_path(settings.data_dir)).set_index(["site_id", "patient_id"])
+    summaries = []
+    for site in sites:
+        data = site_split(site, "test", seed)
+        rows = oracle.loc[[(site.site_id, pid) for pid in data.patient_ids]]
+        risk = np.clip(rows["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
+        summaries.append(evaluation_summary(np.log(risk / (1 - risk)), rows["linear_predictor"].to_numpy(dtype=float),
+                                            data.labels.numpy(), data.times.numpy(), data.events.numpy()))
+    return {"test": pooled_figures(summaries)}
+
+
+def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable[[str], None] = _say) -> Path:
+    """Run the whole job; returns the run folder (metrics.json, report.html, report.md)."""
+    started = time.time()
+    run_id = settings.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = (settings.runs_dir / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_cohort(settings, echo)
+    site_paths = effective_site_configs(settings, run_dir)
+    sites = []
+    for path in site_paths:
+        config: SiteConfig = load_site_config(path)
+        t0 = time.time()
+        sites.append(prepare_site(config, workers=settings.workers))
+        echo(f"prepared {config.site_id}: {len(sites[-1])} patients ({time.time() - t0:.1f} s)")
+
+    run = RunConfig(num_server_rounds=settings.rounds, local_epochs=settings.local_epochs,
+                    learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed,
+                    encoder="cnn", encoder_width=settings.encoder_width,
+                    site_configs=tuple(str(p) for p in site_paths), run_dir=str(run_dir / "federated"))
+    echo(f"federated training: {len(sites)} sites, {run.num_server_rounds} rounds (Flower simulation)")
+    t0 = time.time()
+    flwr_run(REPO_ROOT, run.to_flwr(), run_dir / ".flwr", num_supernodes=len(sites),
+             log_path=run_dir / "flower.log", echo=lambda line: echo("  " + line.split(":", 1)[-1].strip()))
+    federated = json.loads((run_dir / "federated" / "federated.json").read_text())
+    echo(f"federated: test AUC {federated['test']['auc']:.3f}, C-index {federated['test']['c_index']:.3f} "
+         f"({time.time() - t0:.0f} s)")
+
+    models: dict[str, Any] = {"federated": federated}
+    if settings.baselines:
+        models["centralized"] = train_reference("centralized", sites, sites, run, "cnn", echo)
+        for site in sites:
+            models[f"local-only {site.site_id}"] = train_reference(f"local-only {site.site_id}", [site], sites,
+                                                                   run, "cnn", echo)
+        models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sites,
+                                                                run, "none", echo)
+    metrics = {
+        "run_id": run_id,
+        "seconds": time.time() - started,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items() if k != "sites"},
+        "sites": {s.site_id: {"patients": len(s), **{split: int(len(site_split(s, split, run.seed)))
+                                                     for split in ("train", "val", "test")}} for s in sites},
+        "oracle": oracle_figures(settings, sites, run.seed),
+        "models": models,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    report = write_report(metrics, run_dir)
+    echo(f"done in {metrics['seconds'] / 60:.1f} min; report: {report}")
+    return run_dir

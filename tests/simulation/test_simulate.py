@@ -1,0 +1,78 @@
+"""The main job end to end on a tiny cohort, through a real Flower SuperLink.
+
+One full simulation (it costs ~30 s): it checks the outputs a user reads and,
+from the server's audit of every message it really received, that no image,
+patient row or per-patient value reached the server.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from common.metrics.summaries import SummaryGrid
+from common.models.fusion import build_model
+from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from server.audit import read_audit
+from simulation.simulate import SimulationSettings, simulate
+
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
+    data_dir, _ = tiny_cohort
+    root = tmp_path_factory.mktemp("sim")
+    settings = SimulationSettings(data_dir=data_dir, runs_dir=root / "runs", cache_dir=root / "cache",
+                                  seed=7, rounds=ROUNDS, batch_size=4, encoder_width=4,
+                                  sites=tiny_site_profiles, run_id="tiny", workers=1)
+    return simulate(settings, echo=lambda line: None)
+
+
+@pytest.mark.slow
+def test_report_holds_every_model_with_real_figures(finished_run):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    models = metrics["models"]
+    expected = {"federated", "centralized", "clinical-only (centralized)",
+                "local-only hospital_a", "local-only hospital_b", "local-only hospital_c"}
+    assert set(models) == expected
+    n_test = models["federated"]["test"]["n_patients"]
+    for name, entry in models.items():
+        assert entry["test"]["n_patients"] == n_test, name  # every model on the same test patients
+        assert 0.0 <= entry["test"]["c_index"] <= 1.0
+    assert 0.0 <= metrics["oracle"]["test"]["auc"] <= 1.0
+    assert len(models["federated"]["validation_history"]) == ROUNDS
+    html = (finished_run / "report.html").read_text()
+    for name in ["oracle", *expected]:
+        assert name in html
+
+
+@pytest.mark.slow
+def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tiny_cohort):
+    audit = read_audit(finished_run / "federated" / "messages_audit.jsonl")
+    n_sites = len(tiny_cohort[1])
+    model = build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()), width=4)
+    weight_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    grid = SummaryGrid()
+    summary_shapes = {"auc_pos": [grid.score_bins], "auc_neg": [grid.score_bins],
+                      "cidx_event": [grid.time_bins, grid.cindex_score_bins],
+                      "cidx_all": [grid.time_bins, grid.cindex_score_bins]}
+    train = [e for e in audit if e["message_type"] == "train"]
+    evaluate = [e for e in audit if e["message_type"] == "evaluate"]
+    assert len(train) == ROUNDS * n_sites and len(evaluate) == (ROUNDS + 1) * n_sites
+    assert not any(e["has_error"] for e in audit)
+    for entry in train:
+        assert set(entry["array_records"]) == {"arrays"}
+        assert {k: v["shape"] for k, v in entry["array_records"]["arrays"].items()} == weight_shapes
+        assert set(entry["metric_records"]["metrics"]) == {"loss", "num-examples"}
+    for entry in evaluate:
+        assert set(entry["array_records"]) == {"summary"}
+        assert {k: v["shape"] for k, v in entry["array_records"]["summary"].items()} == summary_shapes
+        assert set(entry["metric_records"]["metrics"]) == {"num-examples", "num-positive", "num-negative",
+                                                           "num-events"}
+        assert entry["config_records"] == {"site": ["site-id"]}
+    # No patient identifier anywhere in what the server kept.
+    text = "".join(p.read_text() for p in (finished_run / "federated").glob("*.json*"))
+    ids = [line.split(",")[0] for p in tiny_cohort[0].glob("*/manifest.csv")
+           for line in p.read_text().splitlines()[1:]]
+    assert ids and not any(pid in text for pid in ids)
