@@ -32,7 +32,7 @@ from common.models.fusion import build_model
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
 from server.federated_eval import pooled_figures
 from server.report import write_report
-from simulation.cohort import DEFAULT_SITES, SiteProfile, oracle_path, synthesize_cohort
+from simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, oracle_path, synthesize_cohort
 from simulation.flower_runner import flwr_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,8 @@ def ensure_cohort(settings: SimulationSettings, echo: Callable[[str], None] = _s
     if info_path.exists():
         info = json.loads(info_path.read_text())
         wanted = {s.site_id: s.n_patients for s in settings.sites}
-        if info.get("seed") == settings.seed and info.get("counts") == wanted:
+        if (info.get("seed") == settings.seed and info.get("counts") == wanted
+                and not info.get("tabular_only") and info.get("generator_version") == GENERATOR_VERSION):
             echo(f"synthetic cohort found in {settings.data_dir}")
             return
     echo(f"generating the synthetic cohort in {settings.data_dir} (seed {settings.seed})")
@@ -162,6 +163,7 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
     echo(f"federated: test AUC {federated['test']['auc']:.3f}, C-index {federated['test']['c_index']:.3f} "
          f"({time.time() - t0:.0f} s)")
 
+    federated["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in sites)
     models: dict[str, Any] = {"federated": federated}
     if settings.baselines:
         models["centralized"] = train_reference("centralized", sites, sites, run, "cnn", echo)
