@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
-    simulate.add_argument("--rounds", type=int, default=20)
+    simulate.add_argument("--rounds", type=int, default=30)
     simulate.add_argument("--local-epochs", type=int, default=1)
     simulate.add_argument("--encoder-width", type=int, default=12)
     simulate.add_argument("--seed", type=int, default=0)

@@ -2,8 +2,8 @@
 
 Per patient: read every phase and the tumour mask, find the largest tumour,
 resample a cube of ``crop_voxels`` voxels at ``spacing_mm`` centred on it
-(linear for images, nearest neighbour for the mask), z-score each phase inside
-the cube. The channels are the phases in ``common.schema.PHASES`` order plus
+(linear for images, nearest neighbour for the mask), and normalise each phase
+against the peritumoral ring (mostly liver) or the whole cube. The channels are the phases in ``common.schema.PHASES`` order plus
 the mask. The cube keeps the physical size of the tumour.
 
 The result is cached under the site's ``cache_dir``, keyed by a hash of the
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 from tqdm import tqdm
 
 from client.labs import clinical_features, harmonize_labs
@@ -30,7 +31,7 @@ from client.manifest import Manifest, read_manifest
 from common.config import Preprocessing, SiteConfig
 from common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"
 
 
 class PreparationError(RuntimeError):
@@ -83,9 +84,18 @@ def _crop_reference(centre: tuple[float, ...], prep: Preprocessing) -> sitk.Imag
     return reference
 
 
-def _zscore(array: np.ndarray) -> np.ndarray:
-    std = float(array.std())
-    return (array - float(array.mean())) / (std if std > 1e-6 else 1.0)
+def _zscore(array: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Z-score ``array`` with the median and std of its voxels in ``reference`` (default: all)."""
+    values = array[reference] if reference is not None and reference.any() else array
+    centre = float(np.median(values)) if reference is not None else float(values.mean())
+    std = float(values.std())
+    return (array - centre) / (std if std > 1e-6 else 1.0)
+
+
+def peritumoral_ring(mask: np.ndarray, width_voxels: int) -> np.ndarray:
+    """Voxels within ``width_voxels`` (6-connected steps) outside the mask."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    return ndimage.binary_dilation(mask, structure, iterations=max(1, width_voxels)) & ~mask
 
 
 def prepare_patient(phase_paths: list[str], mask_path: str, prep: Preprocessing) -> np.ndarray:
@@ -93,13 +103,17 @@ def prepare_patient(phase_paths: list[str], mask_path: str, prep: Preprocessing)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
     mask = sitk.ReadImage(mask_path)
     reference = _crop_reference(_largest_tumour_centre(mask), prep)
+    mask_cube = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    mask_array = sitk.GetArrayFromImage(mask_cube) > 0
+    ring = None
+    if prep.normalisation == "zscore_ring":
+        ring = peritumoral_ring(mask_array, int(round(prep.ring_mm / prep.spacing_mm)))
     channels = []
     for path in phase_paths:
         image = sitk.Cast(sitk.ReadImage(path), sitk.sitkFloat32)
         cube = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        channels.append(_zscore(sitk.GetArrayFromImage(cube)))
-    mask_cube = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    channels.append((sitk.GetArrayFromImage(mask_cube) > 0).astype(np.float32))
+        channels.append(_zscore(sitk.GetArrayFromImage(cube), ring))
+    channels.append(mask_array.astype(np.float32))
     return np.stack(channels).astype(np.float16)
 
 

@@ -18,7 +18,7 @@ import torch
 from client.prepare import PreparedSite
 
 SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.55, 0.10, 0.35)
+DEFAULT_FRACTIONS = (0.50, 0.15, 0.35)
 
 
 @dataclass

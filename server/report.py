@@ -18,9 +18,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _auc_with_ci(figures: dict[str, Any]) -> str:
+    auc = _fmt(figures.get("auc"))
+    if auc == "-":
+        return "- (one class only)"
+    return f"{auc} ({_fmt(figures.get('auc_ci_lower'))}-{_fmt(figures.get('auc_ci_upper'))})"
+
+
 def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per model: name, AUC with 95% CI, C-index, test counts, training patients."""
-    entries = [("oracle (true risk)", metrics["oracle"])]
+    entries = [("oracle (true risk, not a model)", metrics["oracle"])]
     models = metrics["models"]
     names = [n for n in ORDER if n in models] + sorted(n for n in models if n not in ORDER)
     entries += [(name, models[name]) for name in names]
@@ -29,12 +36,12 @@ def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
         test = entry["test"]
         rows.append({
             "model": name,
-            "AUC (95% CI)": f"{_fmt(test.get('auc'))} ({_fmt(test.get('auc_ci_lower'))}-{_fmt(test.get('auc_ci_upper'))})",
+            "AUC (95% CI)": _auc_with_ci(test),
             "C-index": _fmt(test.get("c_index")),
             "test patients (ER+/ER-)": f"{int(test.get('n_patients', 0))} "
                                        f"({int(test.get('n_positive', 0))}/{int(test.get('n_negative', 0))})",
-            "trained on": str(entry.get("train_patients", "all sites' training splits")
-                              if name != "oracle (true risk)" else "generator's hazard model"),
+            "training patients": str(entry.get("train_patients", "-")),
+            "selected round": str(entry.get("selected_round", "-")),
         })
     return rows
 
@@ -56,8 +63,7 @@ def _per_site_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     federated = metrics["models"].get("federated", {})
     rows = []
     for site, figures in federated.get("test_per_site", {}).items():
-        rows.append({"site": site, "test AUC (95% CI)":
-                     f"{_fmt(figures.get('auc'))} ({_fmt(figures.get('auc_ci_lower'))}-{_fmt(figures.get('auc_ci_upper'))})",
+        rows.append({"site": site, "test AUC (95% CI)": _auc_with_ci(figures),
                      "C-index": _fmt(figures.get("c_index")),
                      "patients (train/val/test)": "/".join(str(metrics["sites"].get(site, {}).get(s, "-"))
                                                            for s in ("train", "val", "test"))})

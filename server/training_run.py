@@ -3,7 +3,8 @@
 FedAvg (Flower's ``flwr.serverapp.strategy.FedAvg``) weighted by each site's
 number of training patients; after every round the sites evaluate the global
 model on their validation split and the server pools their histograms into an
-AUC and C-index; after the last round the same on the test splits. The server
+AUC and C-index; the round with the best pooled validation AUC is kept and,
+after the last round, evaluated on the sites' test splits. The server
 writes the global model, the figures and an audit of every received message
 under the run's ``run-dir``.
 """
@@ -51,6 +52,37 @@ class PooledEvaluation:
         return MetricRecord({k: v for k, v in figures.items() if np.isfinite(v)})
 
 
+class BestRoundFedAvg(FedAvg):
+    """FedAvg that remembers the global model of the round with the best pooled validation AUC.
+
+    Each round's aggregate is evaluated by the sites on their validation
+    splits; the model that is finally tested is the best one so far (the
+    earliest on ties), i.e. early stopping on a federated validation figure.
+    """
+
+    def __init__(self, evaluation: PooledEvaluation, **kwargs: Any):
+        super().__init__(evaluate_metrics_aggr_fn=evaluation, **kwargs)
+        self.evaluation = evaluation
+        self.latest_arrays: ArrayRecord | None = None
+        self.best_arrays: ArrayRecord | None = None
+        self.best_round = 0
+        self.best_auc = -np.inf
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.latest_arrays = arrays
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        auc = self.evaluation.history[-1].get("auc", np.nan) if self.evaluation.history else np.nan
+        if self.latest_arrays is not None and (self.best_arrays is None or auc > self.best_auc):
+            self.best_arrays, self.best_round = self.latest_arrays, server_round
+            self.best_auc = auc if np.isfinite(auc) else self.best_auc
+        return metrics
+
+
 def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[str, Any]:
     """Train, evaluate and save; returns what it wrote to ``federated.json``."""
     config = RunConfig.from_mapping(run_config_raw)
@@ -61,20 +93,19 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     model = build_model(config.encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()),
                         width=config.encoder_width, seed=config.seed)
     evaluation = PooledEvaluation()
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
-                      min_evaluate_nodes=n_sites, min_available_nodes=n_sites,
-                      evaluate_metrics_aggr_fn=evaluation)
+    strategy = BestRoundFedAvg(evaluation, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
+                               min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
     started = time.time()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=config.num_server_rounds,
                             train_config=ConfigRecord({"lr": config.learning_rate}),
                             evaluate_config=ConfigRecord({"split": "val"}))
-    arrays = result.arrays
-    # Final evaluation of the last global model on every site's test split.
+    arrays = strategy.best_arrays if strategy.best_arrays is not None else result.arrays
+    # Final evaluation of the selected global model on every site's test split.
     replies = grid.send_and_receive(
         messages=strategy.configure_evaluate(config.num_server_rounds + 1, arrays,
                                              ConfigRecord({"split": "test"}), grid))
-    strategy.aggregate_evaluate(config.num_server_rounds + 1, replies)
+    FedAvg.aggregate_evaluate(strategy, config.num_server_rounds + 1, replies)
     test_figures = evaluation.history.pop()
     contents = evaluation.last_contents
     per_site = {site: pooled_figures([summary])
@@ -84,6 +115,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     out = {
         "run_config": config.to_flwr(),
         "rounds": config.num_server_rounds,
+        "selected_round": strategy.best_round,
         "seconds": time.time() - started,
         "validation_history": evaluation.history,
         "train_history": train_history,

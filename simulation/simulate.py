@@ -46,7 +46,7 @@ class SimulationSettings:
     runs_dir: Path = REPO_ROOT / "runs"
     cache_dir: Path = REPO_ROOT / ".cache" / "prepared"
     seed: int = 0
-    rounds: int = 20
+    rounds: int = 30
     local_epochs: int = 1
     learning_rate: float = 0.002
     batch_size: int = 16
@@ -103,24 +103,69 @@ def evaluate_on_test(model: torch.nn.Module, sites: list[PreparedSite], seed: in
             "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()}}
 
 
+def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> float:
+    summaries = []
+    for site in sites:
+        data = site_split(site, "val", seed)
+        logits, risks = predict(model, data)
+        summaries.append(evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(),
+                                            data.events.numpy()))
+    return pooled_figures(summaries).get("auc", float("nan"))
+
+
 def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites: list[PreparedSite],
                     run: RunConfig, encoder: str, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Train one in-process reference model for rounds x local_epochs epochs and test it."""
+    """Train one in-process reference model and test it.
+
+    The same budget and rule as the federated model: ``rounds`` steps of
+    ``local_epochs`` epochs (a fresh optimizer each step, as a site gets each
+    round), keeping the step with the best validation AUC on the training
+    sites' own validation splits (all a hospital alone would have).
+    """
     started = time.time()
     model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()),
                         width=run.encoder_width, seed=run.seed)
     data = pooled_split(sites_for_training, "train", run.seed)
-    epochs = run.num_server_rounds * run.local_epochs
     torch.manual_seed(run.seed)
-    for epoch in range(epochs):
-        train_local(model, data, TrainSettings(epochs=1, learning_rate=run.learning_rate,
-                                               batch_size=run.batch_size, seed=run.seed * 1000 + epoch))
+    best_auc, best_step, best_state = -np.inf, 0, None
+    for step in range(1, run.num_server_rounds + 1):
+        train_local(model, data, TrainSettings(epochs=run.local_epochs, learning_rate=run.learning_rate,
+                                               batch_size=run.batch_size, seed=run.seed * 1000 + step))
+        auc = _validation_auc(model, sites_for_training, run.seed)
+        if best_state is None or auc > best_auc:
+            best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
     result = evaluate_on_test(model, all_sites, run.seed)
+    result["selected_round"] = best_step
     result["seconds"] = time.time() - started
     result["train_patients"] = len(data)
     echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f} "
          f"({result['seconds']:.0f} s)")
     return result
+
+
+def clinical_logistic_regression(sites: list[PreparedSite], seed: int) -> dict[str, Any]:
+    """The seeds' clinical model: logistic regression on the harmonized clinical vector, pooled.
+
+    A reference that does not depend on any choice made for the neural models.
+    The Cox figure uses the same linear score.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train = pooled_split(sites, "train", seed)
+    known = train.labels.numpy() >= 0
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    model.fit(train.clinical.numpy()[known], train.labels.numpy()[known])
+    summaries = []
+    for site in sites:
+        data = site_split(site, "test", seed)
+        score = model.decision_function(data.clinical.numpy())
+        summaries.append(evaluation_summary(score, score, data.labels.numpy(), data.times.numpy(),
+                                            data.events.numpy()))
+    return {"test": pooled_figures(summaries), "train_patients": int(known.sum())}
 
 
 def oracle_figures(settings: SimulationSettings, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
@@ -172,6 +217,7 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
                                                                    run, "cnn", echo)
         models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sites,
                                                                 run, "none", echo)
+        models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, run.seed)
     metrics = {
         "run_id": run_id,
         "seconds": time.time() - started,

@@ -33,7 +33,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"encoder": "resnet1000"}, "encoder must be one of"),
-    ({"in_channels": 0}, "in_channels"),
+    ({"in_channels": 1}, "in_channels"),
     ({"encoder": "none", "n_clinical": 0}, "needs an image encoder or clinical"),
 ])
 def test_bad_constructor_values_raise(kwargs, message):

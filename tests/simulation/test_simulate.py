@@ -33,7 +33,7 @@ def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
 def test_report_holds_every_model_with_real_figures(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     models = metrics["models"]
-    expected = {"federated", "centralized", "clinical-only (centralized)",
+    expected = {"federated", "centralized", "clinical-only (centralized)", "clinical logistic regression (centralized)",
                 "local-only hospital_a", "local-only hospital_b", "local-only hospital_c"}
     assert set(models) == expected
     n_test = models["federated"]["test"]["n_patients"]
@@ -42,6 +42,9 @@ def test_report_holds_every_model_with_real_figures(finished_run):
         assert 0.0 <= entry["test"]["c_index"] <= 1.0
     assert 0.0 <= metrics["oracle"]["test"]["auc"] <= 1.0
     assert len(models["federated"]["validation_history"]) == ROUNDS
+    for name, entry in models.items():  # the round with the best validation AUC is the one tested
+        if "logistic" not in name:
+            assert 1 <= entry["selected_round"] <= ROUNDS
     html = (finished_run / "report.html").read_text()
     for name in ["oracle", *expected]:
         assert name in html
