@@ -6,7 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries
+from common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries, roc_curve_from_summary
 
 SUMMARY_KEYS = ("auc_pos", "auc_neg", "cidx_event", "cidx_all")
 
@@ -30,3 +30,19 @@ def pooled_figures(summaries: list[Mapping[str, np.ndarray]], alpha: float = 0.0
     except ValueError:  # no comparable pair
         figures.update({"c_index": float("nan")})
     return {k: float(v) for k, v in figures.items()}
+
+
+def pooled_curves(summaries: list[Mapping[str, np.ndarray]]) -> dict[str, dict[str, list[float]]]:
+    """The pooled curves the report plots, as JSON-ready lists (aggregates only).
+
+    ``roc``: {"fpr", "tpr"} over all sites' patients together; absent when a
+    class is missing.
+    """
+    pooled = pool_summaries([{k: np.asarray(s[k]) for k in SUMMARY_KEYS} for s in summaries])
+    curves: dict[str, dict[str, list[float]]] = {}
+    try:
+        roc = roc_curve_from_summary(pooled)
+        curves["roc"] = {"fpr": roc["fpr"].tolist(), "tpr": roc["tpr"].tolist()}
+    except ValueError:  # one class only
+        pass
+    return curves

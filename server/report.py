@@ -1,11 +1,23 @@
-"""A readable report of a run, as Markdown and self-contained HTML, from its metrics dict."""
+"""A readable report of a run, as Markdown and self-contained HTML, from its metrics dict.
+
+The HTML embeds its plots (PNG data URIs), so the one file can be mailed to a
+clinician; ``metrics.json`` beside it holds every figure it shows.
+"""
 
 from __future__ import annotations
 
 import html
 import math
+import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from server import report_plots
+
+#: Packages whose versions a report records (a result is only reproducible with them).
+VERSIONED_PACKAGES = ("hccfed", "flwr", "torch", "monai", "numpy", "scipy", "scikit-learn", "lifelines",
+                      "SimpleITK", "pyradiomics", "opacus")
 
 ORDER = ("oracle", "centralized", "federated")
 
@@ -84,6 +96,42 @@ NOTES = (
 )
 
 
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages a result depends on ("not installed" when absent)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _curves(metrics: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``{model: curve}`` for every model whose pooled test figures include curve ``kind``."""
+    return {name: entry["curves"][kind] for name, entry in metrics["models"].items()
+            if kind in entry.get("curves", {})}
+
+
+def _plots(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, data URI) of every plot the metrics allow."""
+    plots = [("ROC curves", report_plots.roc_plot(_curves(metrics, "roc"))),
+             ("Calibration", report_plots.calibration_plot(_curves(metrics, "calibration"))),
+             ("Decision curves", report_plots.decision_plot(_curves(metrics, "decision")))]
+    for name, km in _curves(metrics, "km").items():
+        p_value = km.get("logrank_p")
+        suffix = f" (log-rank p = {p_value:.3g})" if isinstance(p_value, float) else ""
+        plots.append((f"Kaplan-Meier by risk group: {name}",
+                      report_plots.km_plot(km["groups"], f"{name}: risk groups{suffix}")))
+    return [(title, uri) for title, uri in plots if uri]
+
+
+def _definition_list(mapping: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in mapping.items())
+    return f"<table>{rows}</table>"
+
+
 def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
     """Write report.md and report.html into ``run_dir``; returns the HTML path."""
     rows = model_rows(metrics)
@@ -108,6 +156,12 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
         parts += ["<h2>Federated model per hospital</h2>", _html_table(site_rows)]
     if history:
         parts += ["<h2>Federated validation AUC by round</h2>", f"<p>{html.escape(history)}</p>"]
+    for title, uri in _plots(metrics):
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<img alt='{html.escape(title)}' src='{uri}'>"]
+    run_config = metrics.get("models", {}).get("federated", {}).get("run_config")
+    if run_config:
+        parts += ["<h2>Run configuration</h2>", _definition_list(run_config)]
+    parts += ["<h2>Software</h2>", _definition_list(metrics.get("versions") or package_versions())]
     parts.append("</body></html>")
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))

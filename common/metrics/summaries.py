@@ -48,6 +48,7 @@ __all__ = [
     "pool_summaries",
     "auc_from_summary",
     "cindex_from_summary",
+    "roc_curve_from_summary",
 ]
 
 SUMMARY_KEYS: tuple[str, ...] = ("auc_pos", "auc_neg", "cidx_event", "cidx_all")
@@ -294,4 +295,36 @@ def cindex_from_summary(pooled: dict) -> dict[str, float | int]:
         "comparable_pairs": pairs,
         "n": int(al.sum()),
         "n_events": int(ev.sum()),
+    }
+
+
+def roc_curve_from_summary(pooled: dict, grid: SummaryGrid | None = None) -> dict[str, NDArray[np.float64]]:
+    """The pooled ROC curve from the per-class score histograms.
+
+    One point per occupied score bin, thresholds descending: a patient counts
+    as predicted positive when its score bin is at or above the threshold bin.
+    Starts at (0, 0) and ends at (1, 1). Equals ``sklearn.metrics.roc_curve``
+    on the binned scores (``drop_intermediate=False``), so its trapezoidal area
+    is the binned AUC of :func:`auc_from_summary`.
+
+    Returns dict with ``fpr``, ``tpr`` and ``threshold`` (each shape (k,));
+    the threshold is the lower edge of the bin in score units (+inf first).
+    Raises ValueError when a class is empty or the histograms do not match ``grid``.
+    """
+    grid = SummaryGrid() if grid is None else grid
+    pos = np.asarray(pooled["auc_pos"], dtype=np.int64)
+    neg = np.asarray(pooled["auc_neg"], dtype=np.int64)
+    if pos.shape != (grid.score_bins,) or neg.shape != (grid.score_bins,):
+        raise ValueError(f"score histograms must have shape ({grid.score_bins},), got {pos.shape} and {neg.shape}")
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC curve is undefined when only one class is present (n_pos={n_pos}, n_neg={n_neg})")
+    occupied = np.flatnonzero(pos + neg)[::-1]  # highest score bin first
+    at_or_above_pos = np.cumsum(pos[::-1])[::-1]
+    at_or_above_neg = np.cumsum(neg[::-1])[::-1]
+    width = (grid.score_max - grid.score_min) / grid.score_bins
+    return {
+        "fpr": np.concatenate([[0.0], at_or_above_neg[occupied] / n_neg]),
+        "tpr": np.concatenate([[0.0], at_or_above_pos[occupied] / n_pos]),
+        "threshold": np.concatenate([[np.inf], grid.score_min + occupied * width]),
     }

@@ -24,6 +24,7 @@ from common.metrics.discrimination import (
     roc_auc,
 )
 from common.metrics.summaries import (
+    roc_curve_from_summary,
     SummaryGrid,
     auc_from_summary,
     cindex_from_summary,
@@ -31,7 +32,8 @@ from common.metrics.summaries import (
     site_summary,
 )
 
-ASAH = Path("/work/shared/refdata/asah.csv")
+REFDATA = Path(__file__).resolve().parents[3] / "shared" / "refdata"  # shared/ lies beside the repo
+ASAH = REFDATA / "asah.csv"
 GRID = SummaryGrid()
 
 
@@ -354,3 +356,25 @@ def test_continuous_scores_one_patient_per_time_bin(seed: int) -> None:
     y, s, t, e = _make_data(rng, GRID.time_bins, "continuous", "grid_unique", 0.2)
     pooled = pool_summaries([site_summary(y[i], s[i], t[i], e[i]) for i in _split(t.size, 3, rng)])
     assert abs(cindex_from_summary(pooled)["c_index"] - concordance_index(t, -s, e)) <= 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_curve_from_summary_matches_sklearn_on_binned_scores(seed: int) -> None:
+    from sklearn.metrics import auc as trapezoid_area
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(seed)
+    grid = SummaryGrid()
+    labels = rng.integers(-1, 2, 300)
+    scores = np.round(rng.normal(labels.clip(0), 1.5), 2)  # ties within and across classes
+    pooled = pool_summaries([site_summary(labels[:120], scores[:120], np.ones(120), np.zeros(120), grid),
+                             site_summary(labels[120:], scores[120:], np.ones(180), np.zeros(180), grid)])
+    curve = roc_curve_from_summary(pooled, grid)
+    known = labels >= 0
+    fpr, tpr, _ = roc_curve(labels[known], grid.score_bin_index(scores[known]), drop_intermediate=False)
+    np.testing.assert_allclose(curve["fpr"], fpr)
+    np.testing.assert_allclose(curve["tpr"], tpr)
+    assert trapezoid_area(curve["fpr"], curve["tpr"]) == pytest.approx(auc_from_summary(pooled)["auc"], abs=1e-12)
+    assert np.all(np.diff(curve["threshold"][1:]) < 0)
+    with pytest.raises(ValueError, match="only one class"):
+        roc_curve_from_summary(pool_summaries([site_summary(np.ones(5), scores[:5], np.ones(5), np.zeros(5))]))
