@@ -3,6 +3,10 @@
     hccfed synth     [--out DIR] [--seed N]          write the synthetic hospitals
     hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
+    hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled P.json]
+                                                     a hospital's aggregate-only evaluation summary
+    hccfed pool-summaries site1.json site2.json ... --out report_dir
+                                                     pooled clinical figures (figures.json)
 """
 
 from __future__ import annotations
@@ -40,10 +44,33 @@ def _simulate(args: argparse.Namespace) -> int:
         runs_dir=Path(args.runs_dir) if args.runs_dir else defaults.runs_dir,
         seed=args.seed, rounds=args.rounds, local_epochs=args.local_epochs,
         encoder_width=args.encoder_width, run_id=args.run_id, workers=args.workers,
-        baselines=not args.no_baselines,
+        baselines=not args.no_baselines, encoder=args.encoder, vit_patch_size=args.vit_patch_size,
+        vit_depth=args.vit_depth, vit_heads=args.vit_heads, augment=args.augment, strategy=args.strategy,
+        proximal_mu=args.proximal_mu, server_learning_rate=args.server_learning_rate, local_norm=args.local_norm,
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
+        central_dp_noise=args.central_dp_noise, central_dp_clipping_norm=args.central_dp_clipping_norm,
+        secagg=args.secagg, resume=args.resume,
     )
+    if args.resume and not args.run_id:
+        raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
     run_dir = simulate(settings)
     print(f"report: {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
+    return 0
+
+
+def _site_summary(args: argparse.Namespace) -> int:
+    from client.site_summary import write_site_summary
+
+    out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled)
+    print(f"wrote the site summary (aggregate arrays only) to {out}")
+    return 0
+
+
+def _pool_summaries(args: argparse.Namespace) -> int:
+    from server.pool_summaries import write_pool_report
+
+    out = write_pool_report(args.summaries, args.out)
+    print(f"figures: {out}\nround-2 input for paired tests: {out.parent / 'pooled_histograms.json'}")
     return 0
 
 
@@ -74,7 +101,42 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--run-id", default=None)
     simulate.add_argument("--workers", type=int, default=None)
     simulate.add_argument("--no-baselines", action="store_true", help="federated model only")
+    model = simulate.add_argument_group("model")
+    model.add_argument("--encoder", choices=("cnn", "resnet10", "vit", "none"), default="cnn",
+                       help="image encoder (default cnn; --encoder-width is the ViT's token width)")
+    model.add_argument("--vit-patch-size", type=int, default=8)
+    model.add_argument("--vit-depth", type=int, default=4)
+    model.add_argument("--vit-heads", type=int, default=4)
+    model.add_argument("--augment", choices=("flip-shift", "affine", "none"), default="flip-shift")
+    fed = simulate.add_argument_group("federation")
+    fed.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    fed.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
+    fed.add_argument("--server-learning-rate", type=float, default=0.01, help="FedAdam's server step")
+    fed.add_argument("--local-norm", action="store_true", help="FedBN-style: sites keep their norm parameters")
+    fed.add_argument("--secagg", action="store_true", help="SecAgg+ secure aggregation (fedavg/fedprox only)")
+    fed.add_argument("--resume", action="store_true", help="continue the interrupted run named by --run-id")
+    privacy = simulate.add_argument_group("privacy")
+    privacy.add_argument("--dp-epsilon", type=float, default=0.0, help="local DP-SGD target epsilon (0: off)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5)
+    privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0)
+    privacy.add_argument("--central-dp-noise", type=float, default=0.0,
+                         help="server-side central DP noise multiplier (0: off)")
+    privacy.add_argument("--central-dp-clipping-norm", type=float, default=1.0)
     simulate.set_defaults(func=_simulate)
+
+    site = sub.add_parser("site-summary", help="a hospital's aggregate-only evaluation summary of a predictions CSV")
+    site.add_argument("--predictions", required=True,
+                      help="CSV: patient_id, label, time, event, score_<model>... [prob_<model>...]")
+    site.add_argument("--out", required=True, help="the JSON to write")
+    site.add_argument("--site-id", default=None, help="name of the site (default: the CSV's file name)")
+    site.add_argument("--pooled", default=None,
+                      help="pooled_histograms.json from pool-summaries: adds round-2 sums for paired DeLong tests")
+    site.set_defaults(func=_site_summary)
+
+    pool = sub.add_parser("pool-summaries", help="pooled clinical figures from the sites' summaries")
+    pool.add_argument("summaries", nargs="+", help="site summary JSON files")
+    pool.add_argument("--out", required=True, help="folder for figures.json and pooled_histograms.json")
+    pool.set_defaults(func=_pool_summaries)
     return parser
 
 

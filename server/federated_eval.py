@@ -6,7 +6,9 @@ from typing import Mapping
 
 import numpy as np
 
-from common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries, roc_curve_from_summary
+from common.metrics.federated_clinical import ClinicalGrid, pool_model_summaries
+from common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries
+from server.pool_summaries import jsonable, model_figures
 
 SUMMARY_KEYS = ("auc_pos", "auc_neg", "cidx_event", "cidx_all")
 
@@ -32,17 +34,12 @@ def pooled_figures(summaries: list[Mapping[str, np.ndarray]], alpha: float = 0.0
     return {k: float(v) for k, v in figures.items()}
 
 
-def pooled_curves(summaries: list[Mapping[str, np.ndarray]]) -> dict[str, dict[str, list[float]]]:
-    """The pooled curves the report plots, as JSON-ready lists (aggregates only).
+def pooled_clinical_figures(summaries: list[Mapping[str, np.ndarray]]) -> dict:
+    """Every clinical figure of one model over all sites' patients, from their clinical summaries.
 
-    ``roc``: {"fpr", "tpr"} over all sites' patients together; absent when a
-    class is missing.
+    ``summaries``: one :func:`client.evaluation.clinical_summary`-shaped dict
+    per site. Returns what :func:`server.pool_summaries.model_figures` gives
+    (JSON-ready; a figure undefined on the data is {"error": ...}).
     """
-    pooled = pool_summaries([{k: np.asarray(s[k]) for k in SUMMARY_KEYS} for s in summaries])
-    curves: dict[str, dict[str, list[float]]] = {}
-    try:
-        roc = roc_curve_from_summary(pooled)
-        curves["roc"] = {"fpr": roc["fpr"].tolist(), "tpr": roc["tpr"].tolist()}
-    except ValueError:  # one class only
-        pass
-    return curves
+    pooled = pool_model_summaries([dict(s) for s in summaries])
+    return jsonable(model_figures(pooled, ClinicalGrid()))

@@ -7,13 +7,13 @@ clinician; ``metrics.json`` beside it holds every figure it shows.
 from __future__ import annotations
 
 import html
-import math
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from server import report_plots
+from server import clinical_report
+from server.report_format import fmt, html_page, html_table, markdown_table
 
 #: Packages whose versions a report records (a result is only reproducible with them).
 VERSIONED_PACKAGES = ("hccfed", "flwr", "torch", "monai", "numpy", "scipy", "scikit-learn", "lifelines",
@@ -22,19 +22,11 @@ VERSIONED_PACKAGES = ("hccfed", "flwr", "torch", "monai", "numpy", "scipy", "sci
 ORDER = ("oracle", "centralized", "federated")
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def _auc_with_ci(figures: dict[str, Any]) -> str:
-    auc = _fmt(figures.get("auc"))
+    auc = fmt(figures.get("auc"))
     if auc == "-":
         return "- (one class only)"
-    return f"{auc} ({_fmt(figures.get('auc_ci_lower'))}-{_fmt(figures.get('auc_ci_upper'))})"
+    return f"{auc} ({fmt(figures.get('auc_ci_lower'))}-{fmt(figures.get('auc_ci_upper'))})"
 
 
 def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -49,7 +41,7 @@ def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
         rows.append({
             "model": name,
             "AUC (95% CI)": _auc_with_ci(test),
-            "C-index": _fmt(test.get("c_index")),
+            "C-index": fmt(test.get("c_index")),
             "test patients (ER+/ER-)": f"{int(test.get('n_patients', 0))} "
                                        f"({int(test.get('n_positive', 0))}/{int(test.get('n_negative', 0))})",
             "training patients": str(entry.get("train_patients", "-")),
@@ -58,25 +50,12 @@ def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def _markdown_table(rows: list[dict[str, str]]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(rows: list[dict[str, str]]) -> str:
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _per_site_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     federated = metrics["models"].get("federated", {})
     rows = []
     for site, figures in federated.get("test_per_site", {}).items():
         rows.append({"site": site, "test AUC (95% CI)": _auc_with_ci(figures),
-                     "C-index": _fmt(figures.get("c_index")),
+                     "C-index": fmt(figures.get("c_index")),
                      "patients (train/val/test)": "/".join(str(metrics["sites"].get(site, {}).get(s, "-"))
                                                            for s in ("train", "val", "test"))})
     return rows
@@ -84,7 +63,7 @@ def _per_site_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
 
 def _history_line(metrics: dict[str, Any]) -> str:
     history = metrics["models"].get("federated", {}).get("validation_history", [])
-    return ", ".join(f"{i + 1}: {_fmt(h.get('auc'), 2)}" for i, h in enumerate(history))
+    return ", ".join(f"{i + 1}: {fmt(h.get('auc'), 2)}" for i, h in enumerate(history))
 
 
 NOTES = (
@@ -107,23 +86,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _curves(metrics: dict[str, Any], kind: str) -> dict[str, Any]:
-    """``{model: curve}`` for every model whose pooled test figures include curve ``kind``."""
-    return {name: entry["curves"][kind] for name, entry in metrics["models"].items()
-            if kind in entry.get("curves", {})}
-
-
-def _plots(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """(title, data URI) of every plot the metrics allow."""
-    plots = [("ROC curves", report_plots.roc_plot(_curves(metrics, "roc"))),
-             ("Calibration", report_plots.calibration_plot(_curves(metrics, "calibration"))),
-             ("Decision curves", report_plots.decision_plot(_curves(metrics, "decision")))]
-    for name, km in _curves(metrics, "km").items():
-        p_value = km.get("logrank_p")
-        suffix = f" (log-rank p = {p_value:.3g})" if isinstance(p_value, float) else ""
-        plots.append((f"Kaplan-Meier by risk group: {name}",
-                      report_plots.km_plot(km["groups"], f"{name}: risk groups{suffix}")))
-    return [(title, uri) for title, uri in plots if uri]
+def _model_figures(metrics: dict[str, Any]) -> dict[str, dict]:
+    """``{row name: pooled clinical figures}`` for the oracle and every model that has them."""
+    out = {}
+    if "figures" in metrics.get("oracle", {}):
+        out["oracle (true risk)"] = metrics["oracle"]["figures"]
+    models = metrics["models"]
+    for name in [n for n in ORDER if n in models] + sorted(n for n in models if n not in ORDER):
+        if "figures" in models[name]:
+            out[name] = models[name]["figures"]
+    return out
 
 
 def _definition_list(mapping: dict[str, Any]) -> str:
@@ -137,32 +109,23 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
     rows = model_rows(metrics)
     site_rows = _per_site_rows(metrics)
     history = _history_line(metrics)
-    md = [f"# hccfed run {metrics['run_id']}", "", "## Models on the same test patients", "",
-          _markdown_table(rows), "", NOTES, ""]
+    clinical_md, clinical_html = clinical_report.sections(_model_figures(metrics), metrics.get("paired_delong"))
+    md = ["## Models on the same test patients", "", markdown_table(rows), "", NOTES, ""]
+    parts = ["<h2>Models on the same test patients</h2>", html_table(rows), f"<p class='note'>{html.escape(NOTES)}</p>"]
     if site_rows:
-        md += ["## Federated model per hospital", "", _markdown_table(site_rows), ""]
+        md += ["## Federated model per hospital", "", markdown_table(site_rows), ""]
+        parts += ["<h2>Federated model per hospital</h2>", html_table(site_rows)]
     if history:
         md += ["## Federated validation AUC by round", "", history, ""]
-    (run_dir / "report.md").write_text("\n".join(md))
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.3em .7em;"
-             "text-align:left}th{background:#eef}p.note{color:#555;font-size:.9em}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hccfed run {html.escape(metrics['run_id'])}"
-             f"</title><style>{style}</style></head><body>",
-             f"<h1>hccfed run {html.escape(metrics['run_id'])}</h1>",
-             "<h2>Models on the same test patients</h2>", _html_table(rows),
-             f"<p class='note'>{html.escape(NOTES)}</p>"]
-    if site_rows:
-        parts += ["<h2>Federated model per hospital</h2>", _html_table(site_rows)]
-    if history:
         parts += ["<h2>Federated validation AUC by round</h2>", f"<p>{html.escape(history)}</p>"]
-    for title, uri in _plots(metrics):
-        parts += [f"<h2>{html.escape(title)}</h2>", f"<img alt='{html.escape(title)}' src='{uri}'>"]
+    md += clinical_md
+    parts += clinical_html
     run_config = metrics.get("models", {}).get("federated", {}).get("run_config")
     if run_config:
         parts += ["<h2>Run configuration</h2>", _definition_list(run_config)]
     parts += ["<h2>Software</h2>", _definition_list(metrics.get("versions") or package_versions())]
-    parts.append("</body></html>")
+    title = f"hccfed run {metrics['run_id']}"
+    (run_dir / "report.md").write_text("\n".join([f"# {title}", "", *md]))
     out = run_dir / "report.html"
-    out.write_text("\n".join(parts))
+    out.write_text(html_page(title, parts))
     return out

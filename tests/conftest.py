@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from common.config import load_site_config, site_config_to_yaml
 from simulation.cohort import DEFAULT_SITES, synthesize_cohort
@@ -51,3 +52,9 @@ def tiny_cohort(tmp_path_factory):
 def tiny_site_profiles():
     """The SiteProfiles of the tiny cohort."""
     return tiny_profiles()
+
+
+# Property tests explore the same examples on every run: a CI gate must not flake on
+# a newly drawn example (run `pytest --hypothesis-seed=random` to explore further).
+settings.register_profile("deterministic", derandomize=True, deadline=None)
+settings.load_profile("deterministic")

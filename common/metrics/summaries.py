@@ -127,9 +127,10 @@ class SummaryGrid:
         return self.score_min + (np.arange(bins) + 0.5) * width
 
 
-def _validate_rows(
+def validate_rows(
     labels: ArrayLike, scores: ArrayLike, times: ArrayLike, events: ArrayLike
 ) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """Float arrays of shape (n,) for one site's rows; ValueError naming what is wrong."""
     arrays = {}
     for name, x in (("labels", labels), ("scores", scores), ("times", times), ("events", events)):
         a = np.asarray(x, dtype=float)
@@ -174,7 +175,7 @@ def site_summary(
     C-index score bin. See the module docstring for the resolution trade-off.
     """
     grid = SummaryGrid() if grid is None else grid
-    y, s, t, e = _validate_rows(labels, scores, times, events)
+    y, s, t, e = validate_rows(labels, scores, times, events)
     sb = grid.score_bin_index(s)
     auc_pos = np.bincount(sb[y == 1], minlength=grid.score_bins).astype(np.int64)
     auc_neg = np.bincount(sb[y == 0], minlength=grid.score_bins).astype(np.int64)

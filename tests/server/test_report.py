@@ -1,47 +1,64 @@
-"""The run report: every model's row, embedded plots, run config and software versions."""
+"""The run report: every model's row, clinical tables, embedded plots, run config and software versions."""
 
 import base64
 import json
 import re
 
 import numpy as np
+import pytest
 
-from client.evaluation import evaluation_summary
-from server.federated_eval import pooled_curves, pooled_figures
+from client.evaluation import clinical_summary, evaluation_summary
+from server.federated_eval import pooled_clinical_figures, pooled_figures
 from server.report import package_versions, write_report
 
 
+def _sites(rng, strength, n=(80, 60)):
+    out = []
+    for size in n:
+        labels = rng.integers(0, 2, size)
+        logits = strength * (labels - 0.5) + rng.normal(size=size)
+        times = np.where(labels == 1, rng.uniform(1, 24, size), rng.uniform(25, 60, size)).round()
+        out.append((logits, logits + rng.normal(0, 0.3, size), labels, times, (labels == 1).astype(int)))
+    return out
+
+
 def _entry(rng, strength):
-    labels = rng.integers(0, 2, 80)
-    scores = strength * labels + rng.normal(size=80)
-    summary = evaluation_summary(scores, scores, labels, rng.exponential(30, 80), rng.integers(0, 2, 80))
-    return {"test": pooled_figures([summary]), "curves": pooled_curves([summary]), "train_patients": 40}
+    sites = _sites(rng, strength)
+    return {"test": pooled_figures([evaluation_summary(*s) for s in sites]),
+            "figures": pooled_clinical_figures([clinical_summary(*s) for s in sites]), "train_patients": 40}
 
 
-def test_report_embeds_plots_config_and_versions(tmp_path):
+def test_report_embeds_clinical_tables_plots_config_and_versions(tmp_path):
     rng = np.random.default_rng(0)
     metrics = {"run_id": "r1", "oracle": _entry(rng, 3.0), "sites": {},
-               "models": {"federated": {**_entry(rng, 1.5), "run_config": {"num-server-rounds": 3}},
+               "models": {"federated": {**_entry(rng, 1.5), "run_config": {"num-server-rounds": 3},
+                                        "test_per_site": {}},
                           "centralized": _entry(rng, 1.6)}}
-    metrics["models"]["federated"]["test_per_site"] = {}
     out = write_report(json.loads(json.dumps(metrics)), tmp_path)
     page = out.read_text()
-    for name in ("oracle", "federated", "centralized", "ROC curves", "num-server-rounds", "flwr", "torch"):
-        assert name in page
+    for text in ("oracle", "federated", "centralized", "ROC curves", "Calibration", "Decision curves",
+                 "Kaplan-Meier: federated", "Hosmer-Lemeshow", "Youden", "num-server-rounds", "flwr", "torch"):
+        assert text in page, text
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
+    assert len(images) == 3 + 3  # ROC, calibration, decision + one Kaplan-Meier plot per row
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "| federated |" in (tmp_path / "report.md").read_text()
 
 
-def test_pooled_roc_curve_is_monotone_and_absent_for_one_class():
+def test_clinical_summary_pools_to_the_per_patient_figures():
+    from sklearn.metrics import roc_auc_score
+    from lifelines.utils import concordance_index
+
     rng = np.random.default_rng(1)
-    labels = rng.integers(0, 2, 50)
-    summary = evaluation_summary(labels + rng.normal(size=50), rng.normal(size=50), labels,
-                                 rng.exponential(30, 50), rng.integers(0, 2, 50))
-    roc = pooled_curves([summary, summary])["roc"]
-    assert roc["fpr"][0] == 0 and roc["tpr"][-1] == 1 and np.all(np.diff(roc["fpr"]) >= 0)
-    one_class = evaluation_summary(np.zeros(5), np.zeros(5), np.ones(5), np.ones(5), np.ones(5))
-    assert "roc" not in pooled_curves([one_class])
+    sites = _sites(rng, 1.0, n=(50, 70, 40))
+    figures = pooled_clinical_figures([clinical_summary(*s) for s in sites])
+    logits, risks, labels, times, events = (np.concatenate(parts) for parts in zip(*sites))
+    assert figures["auc"]["auc"] == pytest.approx(roc_auc_score(labels, logits), abs=1e-3)
+    # the C-index comes from the Cox head, not from the logits
+    assert figures["c_index"]["c_index"] == pytest.approx(concordance_index(times, -risks, events), abs=1e-3)
+    probs = 1 / (1 + np.exp(-logits))
+    assert figures["brier"] == pytest.approx(np.mean((probs - labels) ** 2), abs=1e-9)
+    assert [g["group"] for g in figures["risk_groups"]["kaplan_meier"]] == ["low", "high"]
 
 
 def test_versions_name_the_main_packages():
