@@ -61,7 +61,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _site_summary(args: argparse.Namespace) -> int:
     from client.site_summary import write_site_summary
 
-    out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled)
+    out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled,
+                             epsilon=args.epsilon, seed=args.seed)
     print(f"wrote the site summary (aggregate arrays only) to {out}")
     return 0
 
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--site-id", default=None, help="name of the site (default: the CSV's file name)")
     site.add_argument("--pooled", default=None,
                       help="pooled_histograms.json from pool-summaries: adds round-2 sums for paired DeLong tests")
+    site.add_argument("--epsilon", type=float, default=None,
+                      help="differential privacy: Laplace noise on a coarse grid; each model costs 3 x epsilon")
+    site.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh randomness)")
     site.set_defaults(func=_site_summary)
 
     pool = sub.add_parser("pool-summaries", help="pooled clinical figures from the sites' summaries")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.metrics.federated_clinical import ClinicalGrid, model_site_summary
+from common.metrics.federated_clinical import DP_GRID, ClinicalGrid, model_site_summary, privatize_model_summary
 from common.metrics.federated_delong import placement_sums
 from common.metrics.summary_codec import decode_arrays, encode_arrays
 
@@ -137,18 +137,35 @@ def load_pooled_histograms(path: str | Path) -> tuple[ClinicalGrid, dict[str, di
 
 
 def site_summary_document(preds: Predictions, site_id: str, grid: ClinicalGrid | None = None,
-                          pooled: tuple[ClinicalGrid, dict[str, dict]] | None = None) -> dict:
+                          pooled: tuple[ClinicalGrid, dict[str, dict]] | None = None,
+                          epsilon: float | None = None, seed: int | None = None) -> dict:
     """The JSON-ready summary of one site: only aggregate arrays, no patient-level value.
 
     With ``pooled`` (round 2), also ``placement_sums`` against the pooled
     histograms for the paired DeLong tests (the pooled grid is then used).
+    With ``epsilon``, every model's arrays are made epsilon-DP on the coarse
+    ``DP_GRID`` (:func:`privatize_model_summary`; 3 * epsilon per model,
+    recorded in the document); paired tests are then refused, since the
+    placement sums are exact.
     """
+    if epsilon is not None:
+        if pooled is not None:
+            raise ValueError("--pooled (paired DeLong sums) cannot be combined with --epsilon: "
+                             "the placement sums would be released without noise")
+        grid = DP_GRID if grid is None else grid
     if pooled is not None:
         grid = pooled[0]
     grid = ClinicalGrid() if grid is None else grid
+    rng = np.random.default_rng(seed)
     doc = {"format": SITE_FORMAT, "site_id": site_id, "grid": grid.to_dict(), "models": {}}
+    if epsilon is not None:
+        doc["privacy"] = {"mechanism": "Laplace on counts, sums rebuilt at bin centres",
+                          "epsilon_per_model": 3.0 * float(epsilon),
+                          "epsilon_total": 3.0 * float(epsilon) * len(preds.scores)}
     for m, s in preds.scores.items():
         arrays = model_site_summary(preds.labels, s, preds.probs[m], preds.times, preds.events, grid)
+        if epsilon is not None:
+            arrays = privatize_model_summary(arrays, epsilon, rng, grid)
         doc["models"][m] = {"prob_source": preds.prob_source[m], "arrays": encode_arrays(arrays)}
     if pooled is not None:
         histograms = pooled[1]
@@ -163,11 +180,13 @@ def site_summary_document(preds: Predictions, site_id: str, grid: ClinicalGrid |
 
 
 def write_site_summary(predictions: str | Path, out: str | Path, site_id: str | None = None,
-                       pooled: str | Path | None = None) -> Path:
+                       pooled: str | Path | None = None, epsilon: float | None = None,
+                       seed: int | None = None) -> Path:
     """Read ``predictions``, write the site summary JSON to ``out``; returns ``out``."""
     preds = read_predictions(predictions)
     site = site_id or Path(predictions).stem
-    doc = site_summary_document(preds, site, pooled=load_pooled_histograms(pooled) if pooled else None)
+    doc = site_summary_document(preds, site, pooled=load_pooled_histograms(pooled) if pooled else None,
+                                epsilon=epsilon, seed=seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc))

@@ -133,6 +133,13 @@ def write_pooled_report(figures: dict, out_dir: Path) -> Path:
     if site_rows:
         md += ["## Per site", "", markdown_table(site_rows), ""]
         parts += ["<h2>Per site</h2>", html_table(site_rows)]
+    privacy_rows = [{"site": site, "differential privacy": (f"epsilon {fmt(p['epsilon_total'], 2)} in all "
+                                                            f"({fmt(p['epsilon_per_model'], 2)} per model); {p['mechanism']}"
+                                                            if isinstance(p, dict) else str(p))}
+                    for site, p in figures.get("privacy", {}).items()]
+    if privacy_rows:
+        md += ["## Privacy of the site summaries", "", markdown_table(privacy_rows), ""]
+        parts += ["<h2>Privacy of the site summaries</h2>", html_table(privacy_rows)]
     (out_dir / "report.md").write_text("\n".join([f"# {title}", "", intro, "", *md]))
     out = out_dir / "report.html"
     out.write_text(html_page(title, [f"<p class='note'>{html.escape(intro)}</p>", *parts,

@@ -51,7 +51,7 @@ def load_site_summary(path: str | Path) -> dict:
         models = {m: decode_arrays(d["arrays"], f"{path.name} model '{m}'") for m, d in data["models"].items()}
         return {"path": str(path), "site_id": str(data["site_id"]), "grid": F.ClinicalGrid.from_dict(data["grid"]),
                 "models": models, "prob_source": {m: d.get("prob_source") for m, d in data["models"].items()},
-                "placement_sums": data.get("placement_sums")}
+                "placement_sums": data.get("placement_sums"), "privacy": data.get("privacy")}
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path.name}: malformed site summary (missing or bad entry {err})") from None
 
@@ -151,7 +151,8 @@ def pool_report(sites: list[dict], alpha: float = 0.05) -> tuple[dict, dict]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"site ids must be distinct, got {ids} (use --site-id)")
     pooled = {m: F.pool_model_summaries([s["models"][m] for s in sites]) for m in models}
-    figures: dict[str, Any] = {"sites": ids, "n_sites": len(sites), "grid": grid.to_dict(), "models": {}}
+    figures: dict[str, Any] = {"sites": ids, "n_sites": len(sites), "grid": grid.to_dict(), "models": {},
+                               "privacy": {s["site_id"]: s["privacy"] or "none (exact counts)" for s in sites}}
     for m in models:
         per_site = {s["site_id"]: model_figures(s["models"][m], grid, alpha) for s in sites}
         figures["models"][m] = {"probabilities_from": sorted({str(s["prob_source"][m]) for s in sites}),
