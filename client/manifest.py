@@ -5,6 +5,12 @@ variables in the site's own units, the outcome, and the paths of the phase
 volumes and the tumour mask (relative to the site's data root). Every problem
 found is reported together, each naming the file, the patient and the field;
 nothing in the data folder is ever written.
+
+Two modes: ``strict`` (the default) raises ``ManifestError`` listing every
+problem; otherwise problems with a row exclude that patient only and come back
+as ``client.qc.QCIssue`` entries (``Manifest.issues``), so one bad row never
+stops a site. Problems with the file as a whole (not found, a missing column)
+always raise.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from client.qc import QCIssue, unit_column
 from common.config import SiteConfig
 from common.schema import CATEGORIES, CLINICAL_COLUMNS, LABS, OUTCOME_COLUMNS
 
@@ -32,53 +39,82 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest: clinical values parsed, paths resolved and existing."""
+    """A validated manifest: clinical values parsed, paths resolved and existing.
+
+    Holds the usable rows only; ``issues`` lists the rows left out (non-strict mode).
+    """
 
     site_id: str
     table: pd.DataFrame  # one row per patient, index = patient_id
     image_paths: dict[str, list[Path]]  # phase -> path per patient, in table order
     mask_paths: list[Path]
+    issues: tuple[QCIssue, ...] = ()
 
     @property
     def patient_ids(self) -> list[str]:
         return [str(p) for p in self.table.index]
 
 
-def _parse_numeric(table: pd.DataFrame, column: str, problems: list[str], integer: bool = False) -> pd.Series:
+class _Problems:
+    """Problems found in the manifest, each tied to a patient (or a row) and a reason."""
+
+    def __init__(self, manifest: Path):
+        self.manifest = str(manifest)
+        self.issues: list[QCIssue] = []
+
+    def add(self, pid, reason: str, field: str, message: str, file: str | Path | None = None) -> None:
+        self.issues.append(QCIssue(str(pid), reason, field, str(file or self.manifest), message))
+
+    def messages(self) -> list[str]:
+        return [i.message for i in self.issues]
+
+
+def _parse_numeric(table: pd.DataFrame, column: str, problems: _Problems, integer: bool = False,
+                   empty_reason: str = "missing_value") -> pd.Series:
     raw = table[column]
     parsed = pd.to_numeric(raw, errors="coerce")
     for pid, value, number in zip(table["patient_id"], raw, parsed):
         if pd.isna(number):
-            shown = "empty" if pd.isna(value) or str(value).strip() == "" else repr(value)
-            problems.append(f"patient {pid}: field '{column}' is {shown}, expected a number")
+            empty = pd.isna(value) or str(value).strip() == ""
+            shown = "empty" if empty else repr(value)
+            problems.add(pid, empty_reason if empty else "invalid_value", column,
+                         f"patient {pid}: field '{column}' is {shown}, expected a number")
         elif integer and float(number) != int(number):
-            problems.append(f"patient {pid}: field '{column}' is {value!r}, expected a whole number")
+            problems.add(pid, "invalid_value", column, f"patient {pid}: field '{column}' is {value!r}, "
+                         "expected a whole number")
     return parsed
 
 
-def _check_category(table: pd.DataFrame, column: str, allowed: tuple[str, ...], problems: list[str]) -> None:
+def _check_category(table: pd.DataFrame, column: str, allowed: tuple[str, ...], problems: _Problems) -> None:
     for pid, value in zip(table["patient_id"], table[column]):
         if str(value) not in allowed:
-            problems.append(f"patient {pid}: field '{column}' is {value!r}, expected one of {list(allowed)}")
+            problems.add(pid, "invalid_value", column,
+                         f"patient {pid}: field '{column}' is {value!r}, expected one of {list(allowed)}")
 
 
-def _resolve_paths(table: pd.DataFrame, column: str, root: Path, problems: list[str]) -> list[Path]:
+def _resolve_paths(table: pd.DataFrame, column: str, root: Path, problems: _Problems) -> list[Path]:
     paths = []
     for pid, value in zip(table["patient_id"], table[column]):
         if pd.isna(value) or str(value).strip() == "":
-            problems.append(f"patient {pid}: field '{column}' is empty, expected a file path")
+            problems.add(pid, "missing_value", column, f"patient {pid}: field '{column}' is empty, expected a "
+                         "file path")
             paths.append(root / "<missing>")
             continue
         path = Path(str(value))
         path = path if path.is_absolute() else root / path
         if not path.exists():
-            problems.append(f"patient {pid}: field '{column}': file not found: {path}")
+            problems.add(pid, "missing_file", column, f"patient {pid}: field '{column}': file not found: {path}",
+                         path)
         paths.append(path)
     return paths
 
 
-def read_manifest(config: SiteConfig) -> Manifest:
-    """Read ``config.manifest`` and check every row; raise ManifestError listing all problems."""
+def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
+    """Read ``config.manifest`` and check every row.
+
+    ``strict``: raise ManifestError listing all problems. Otherwise the rows
+    with problems are left out and listed in ``Manifest.issues``.
+    """
     path = config.manifest
     if not path.exists():
         raise ManifestError(path, [f"manifest file not found (site_config {config.source}: data_root/manifest)"])
@@ -90,13 +126,14 @@ def read_manifest(config: SiteConfig) -> Manifest:
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise ManifestError(path, [f"missing column '{c}'" for c in missing])
-    problems: list[str] = []
+    problems = _Problems(path)
     ids = table["patient_id"]
     for row, pid in enumerate(ids, start=2):
         if pd.isna(pid) or str(pid).strip() == "":
-            problems.append(f"row {row}: field 'patient_id' is empty")
+            problems.add(f"row {row}", "missing_value", "patient_id", f"row {row}: field 'patient_id' is empty")
     for pid in sorted(set(ids[ids.duplicated()].astype(str))):
-        problems.append(f"patient {pid}: field 'patient_id' appears more than once")
+        problems.add(pid, "duplicate_patient", "patient_id",
+                     f"patient {pid}: field 'patient_id' appears more than once")
 
     parsed = pd.DataFrame({"patient_id": ids.astype(str)})
     for column, kind in CLINICAL_COLUMNS.items():
@@ -107,19 +144,28 @@ def read_manifest(config: SiteConfig) -> Manifest:
             parsed[column] = _parse_numeric(table, column, problems, integer=kind == "int")
     for lab in LABS:
         parsed[lab] = _parse_numeric(table, lab, problems)
-    parsed["time_months"] = _parse_numeric(table, "time_months", problems)
-    parsed["event"] = _parse_numeric(table, "event", problems, integer=True)
+        if unit_column(lab) in table.columns:
+            parsed[unit_column(lab)] = table[unit_column(lab)]
+    parsed["time_months"] = _parse_numeric(table, "time_months", problems, empty_reason="missing_outcome")
+    parsed["event"] = _parse_numeric(table, "event", problems, integer=True, empty_reason="missing_outcome")
     for pid, t, e in zip(ids, parsed["time_months"], parsed["event"]):
         if not pd.isna(t) and t < 0:
-            problems.append(f"patient {pid}: field 'time_months' is {t}, expected >= 0")
+            problems.add(pid, "invalid_value", "time_months", f"patient {pid}: field 'time_months' is {t}, "
+                         "expected >= 0")
         if not pd.isna(e) and e not in (0, 1):
-            problems.append(f"patient {pid}: field 'event' is {e}, expected 0 or 1")
+            problems.add(pid, "invalid_value", "event", f"patient {pid}: field 'event' is {e}, expected 0 or 1")
 
     root = config.data_root
     image_paths = {p: _resolve_paths(table, col, root, problems) for p, col in config.phase_columns.items()}
     mask_paths = _resolve_paths(table, config.mask_column, root, problems)
-    if problems:
-        raise ManifestError(path, problems)
+    if problems.issues and strict:
+        raise ManifestError(path, problems.messages())
+    bad = {i.patient_id for i in problems.issues}
+    keep = np.array([str(pid) not in bad and f"row {row}" not in bad for row, pid in enumerate(ids, start=2)],
+                    dtype=bool)
+    parsed = parsed[keep]
     parsed["event"] = parsed["event"].astype(np.int64)
     parsed["tumour_number"] = parsed["tumour_number"].astype(np.int64)
-    return Manifest(config.site_id, parsed.set_index("patient_id", drop=False), image_paths, mask_paths)
+    return Manifest(config.site_id, parsed.set_index("patient_id", drop=False),
+                    {p: [x for x, k in zip(paths, keep) if k] for p, paths in image_paths.items()},
+                    [x for x, k in zip(mask_paths, keep) if k], tuple(problems.issues))

@@ -92,3 +92,22 @@ def test_preparation_never_modifies_the_data_folder(tiny_cohort, tmp_path):
     before = _tree_digest(config.data_root)
     prepare_site(config, workers=1, progress=False)
     assert _tree_digest(config.data_root) == before
+
+
+def test_lenient_mode_excludes_bad_rows_with_reasons(tiny_cohort, tmp_path):
+    config = _copy_site(tiny_cohort, tmp_path)
+
+    def damage(t):
+        t.loc[0, "age"] = "sixty"
+        t.loc[1, "event"] = ""
+        t.loc[2, "patient_id"] = t.loc[3, "patient_id"]
+
+    table = _edit(config, damage)
+    manifest = read_manifest(config, strict=False)
+    reasons = {(i.patient_id, i.reason, i.field) for i in manifest.issues}
+    assert (table.loc[0, "patient_id"], "invalid_value", "age") in reasons
+    assert (table.loc[1, "patient_id"], "missing_outcome", "event") in reasons
+    assert (table.loc[3, "patient_id"], "duplicate_patient", "patient_id") in reasons
+    kept = set(table["patient_id"]) - {table.loc[r, "patient_id"] for r in (0, 1, 3)}
+    assert set(manifest.patient_ids) == kept and len(manifest.mask_paths) == len(kept)
+    assert all(len(paths) == len(kept) for paths in manifest.image_paths.values())

@@ -43,7 +43,8 @@ def test_second_run_is_a_cache_hit(site_a, monkeypatch):
 
 
 def test_box_normalisation_option(site_a, tmp_path):
-    config = dataclasses.replace(site_a, cache_dir=tmp_path, preprocessing=Preprocessing(normalisation="zscore_box"))
+    prep = Preprocessing(normalisation="zscore_box", register=False)  # registration: tests/client/test_registration.py
+    config = dataclasses.replace(site_a, cache_dir=tmp_path, preprocessing=prep)
     phases = prepare_site(config, workers=1, progress=False).images[:, :-1].astype(np.float32)
     assert np.allclose(phases.mean(axis=(2, 3, 4)), 0, atol=0.05)
     assert np.allclose(phases.std(axis=(2, 3, 4)), 1, atol=0.05)
@@ -57,7 +58,8 @@ def test_peritumoral_ring_surrounds_the_mask():
 
 
 def test_changed_setting_reprepares_and_parallel_equals_serial(site_a, tmp_path):
-    config = dataclasses.replace(site_a, cache_dir=tmp_path, preprocessing=Preprocessing(crop_voxels=24))
+    prep = Preprocessing(crop_voxels=24, register=False)  # registration: tests/client/test_registration.py
+    config = dataclasses.replace(site_a, cache_dir=tmp_path, preprocessing=prep)
     serial = prepare_site(config, workers=1, progress=False)
     assert serial.images.shape[-1] == 24
     parallel = prepare_site(dataclasses.replace(config, cache_dir=tmp_path / "p"), workers=2, progress=False)

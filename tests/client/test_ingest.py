@@ -1,0 +1,177 @@
+"""Reading phases from NIfTI files and DICOM series folders, with real DICOM files from pydicom."""
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from client.ingest import check_mask, check_overlap, read_volume
+from client.prepare import prepare_site
+from client.qc import PatientQCError
+from common.config import load_site_config, site_config_to_yaml
+from simulation.dicom_export import export_site_dicom
+
+
+def mr_series(folder: Path, n: int = 6, step: float = 5.0, skip=(), prefix: str = "im") -> Path:
+    """A DICOM series made of pydicom's real MR_small.dcm: slice k at k * step mm along the normal,
+    its pixels + 100 k; file names deliberately out of position order."""
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid()
+    iop = np.array(base.ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    origin = np.array(base.ImagePositionPatient, float)
+    for k in range(n):
+        if k in skip:
+            continue
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [float(v) for v in origin + k * step * normal]
+        ds.InstanceNumber = n - k  # misleading on purpose: order comes from the position
+        ds.SliceThickness = step
+        ds.PixelData = (base.pixel_array.astype(np.int16) + 100 * k).tobytes()
+        ds.save_as(folder / f"{prefix}{(n - k) * 7 % 11:02d}_{k}.dcm")
+    return folder
+
+
+def _reason(call) -> PatientQCError:
+    with pytest.raises(PatientQCError) as err:
+        call()
+    return err.value
+
+
+def test_dicom_series_is_ordered_by_position_and_keeps_geometry(tmp_path):
+    folder = mr_series(tmp_path / "pre")
+    (folder / "README.txt").write_text("exported by the PACS\n")  # not DICOM: ignored, with a warning
+    image, warnings = read_volume(folder, "image_pre")
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    assert image.GetSize() == (64, 64, 6)
+    assert image.GetSpacing() == pytest.approx((0.3125, 0.3125, 5.0))
+    assert image.GetOrigin() == pytest.approx([float(v) for v in base.ImagePositionPatient], abs=1e-3)
+    assert image.GetDirection() == pytest.approx(np.eye(3).ravel())
+    means = sitk.GetArrayFromImage(image).reshape(6, -1).mean(axis=1)
+    assert np.allclose(np.diff(means), 100.0)  # slices in position order, not file-name order
+    assert len(warnings) == 1 and "README.txt" in warnings[0]
+
+
+def test_missing_slice_is_reported_with_the_files_around_it(tmp_path):
+    folder = mr_series(tmp_path / "arterial", skip=(3,))
+    err = _reason(lambda: read_volume(folder, "image_arterial"))
+    assert err.reason == "dicom_series" and err.field == "image_arterial"
+    assert "missing slice" in str(err) and "_2.dcm" in str(err) and "_4.dcm" in str(err)
+
+
+def test_truncated_dicom_files_are_named(tmp_path):
+    real = mr_series(tmp_path / "real")
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), real / "MR_truncated.dcm")  # pydicom's truncated file
+    err = _reason(lambda: read_volume(real, "image_portal"))
+    assert err.reason == "unreadable_image" and err.file.endswith("MR_truncated.dcm")
+    cut = mr_series(tmp_path / "cut")
+    victim = sorted(cut.glob("*.dcm"))[2]
+    victim.write_bytes(victim.read_bytes()[:5000])  # a copy interrupted half-way through the pixels
+    err = _reason(lambda: read_volume(cut, "image_portal"))
+    assert err.reason == "unreadable_image" and err.file == str(victim) and "re-export" in str(err)
+
+
+def test_folder_with_two_series_lists_them(tmp_path):
+    folder = mr_series(tmp_path / "mixed")
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")
+    err = _reason(lambda: read_volume(folder, "image_delayed"))
+    assert err.reason == "dicom_series" and "holds 2 DICOM series" in str(err) and "own folder" in str(err)
+
+
+def test_missing_empty_and_truncated_files(tmp_path):
+    assert _reason(lambda: read_volume(tmp_path / "nothing.nii.gz", "mask")).reason == "missing_file"
+    (tmp_path / "empty_dir").mkdir()
+    assert _reason(lambda: read_volume(tmp_path / "empty_dir", "image_pre")).reason == "dicom_series"
+    image = sitk.GetImageFromArray(np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10))
+    path = tmp_path / "v.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    assert sitk.GetArrayFromImage(read_volume(path, "image_pre")[0]).sum() == sitk.GetArrayFromImage(image).sum()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # ITK alone would read zeros silently
+    err = _reason(lambda: read_volume(path, "image_pre"))
+    assert err.reason == "unreadable_image" and "truncated" in str(err)
+    text = tmp_path / "notes.nii"
+    text.write_text("not an image")
+    assert _reason(lambda: read_volume(text, "image_pre")).reason == "unreadable_image"
+
+
+def test_mask_geometry_checks():
+    image = sitk.Image([20, 20, 10], sitk.sitkInt16)
+    image.SetSpacing([2.0, 2.0, 4.0])
+    mask = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    assert _reason(lambda: check_mask(mask, "mask", "m.nii.gz")).reason == "empty_mask"
+    mask[10, 10, 5] = 1
+    check_mask(mask, "mask", "m.nii.gz")
+    check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz")
+    finer = sitk.Resample(mask, [40, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
+                          [1.0, 1.0, 2.0], image.GetDirection())
+    check_overlap(finer, image, "image_pre", "pre.nii.gz", "m.nii.gz")  # another grid, same place: fine
+    mask.SetOrigin([500.0, 0.0, 0.0])  # e.g. another patient's mask, or a lost origin
+    err = _reason(lambda: check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz"))
+    assert err.reason == "mask_outside_image" and "pre.nii.gz" in str(err) and "m.nii.gz" in str(err)
+
+
+def test_dicom_and_nifti_forms_prepare_the_same(tiny_cohort, tmp_path):
+    config = load_site_config(tiny_cohort[1][1])
+    nifti = tmp_path / "nifti"
+    shutil.copytree(config.data_root, nifti)
+    table = (nifti / "manifest.csv").read_text().splitlines()
+    (nifti / "manifest.csv").write_text("\n".join(table[:4]) + "\n")  # 3 patients keep the test fast
+    dicom = tmp_path / "dicom"
+    export_site_dicom(nifti, dicom)
+    series = dicom / "dicom" / "B0001" / "arterial"
+    first = pydicom.dcmread(sorted(series.glob("*.dcm"))[0])
+    assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and first.Modality == "MR"
+    assert [float(v) for v in first.PixelSpacing] == pytest.approx(list(config_spacing(nifti)[1::-1]))
+    sites = []
+    for root in (nifti, dicom):
+        site_config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
+                                          cache_dir=tmp_path / f"cache-{root.name}")
+        yaml_path = tmp_path / f"{root.name}.yaml"
+        yaml_path.write_text(site_config_to_yaml(site_config))
+        sites.append(prepare_site(load_site_config(yaml_path), workers=1, progress=False))
+    a, b = sites
+    assert list(a.patient_ids) == list(b.patient_ids) == ["B0001", "B0002", "B0003"]
+    difference = np.abs(a.images.astype(np.float32) - b.images.astype(np.float32))
+    assert difference.mean() < 1e-3 and np.quantile(difference, 0.999) < 0.01 and difference.max() < 0.5
+    assert np.array_equal(a.clinical, b.clinical) and np.array_equal(a.times, b.times)
+
+
+def config_spacing(site_root: Path) -> tuple[float, ...]:
+    return sitk.ReadImage(str(site_root / "images" / "B0001_arterial.nii.gz")).GetSpacing()
+
+
+def test_cli_synth_dicom_then_prepare(tiny_site_profiles, tmp_path, monkeypatch, capsys):
+    import hccfed_cli
+    import simulation.cohort as cohort
+
+    real = cohort.synthesize_cohort
+    two_patients = (dataclasses.replace(tiny_site_profiles[2], n_patients=2),)
+    monkeypatch.setattr(cohort, "synthesize_cohort", lambda out, **kw: real(
+        out, **{**kw, "sites": two_patients, "fov_mm": (160.0, 160.0, 100.0)}))
+    out = tmp_path / "synthetic"
+    assert hccfed_cli.main(["synth", "--out", str(out), "--dicom", "--workers", "1"]) == 0
+    site_dir = out / "hospital_c"
+    manifest = (site_dir / "manifest.csv").read_text()
+    assert "dicom/C0001/arterial" in manifest and not list((site_dir / "images").glob("*.nii.gz"))
+    config = load_site_config(two_patients[0].config_path)
+    config = dataclasses.replace(config, data_root=site_dir, manifest=site_dir / "manifest.csv",
+                                 cache_dir=tmp_path / "cache")
+    yaml_path = tmp_path / "hospital_c.yaml"
+    yaml_path.write_text(site_config_to_yaml(config))
+    capsys.readouterr()
+    assert hccfed_cli.main(["prepare", "--site", str(yaml_path), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 patient(s) prepared, 0 excluded" in printed and "qc_report.csv" in printed
+    assert (tmp_path / "cache" / "qc_report.json").exists() and not list(site_dir.glob("qc_report*"))
