@@ -1,7 +1,7 @@
 """The `hccfed` command: parses arguments and calls client/, server/ and simulation/.
 
-    hccfed synth     [--out DIR] [--seed N]          write the synthetic hospitals
-    hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached)
+    hccfed synth     [--out DIR] [--seed N] [--dicom] write the synthetic hospitals (NIfTI or DICOM)
+    hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached, QC report)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled P.json]
                                                      a hospital's aggregate-only evaluation summary
@@ -22,6 +22,15 @@ def _synth(args: argparse.Namespace) -> int:
     info = synthesize_cohort(Path(args.out), seed=args.seed, tabular_only=args.tabular_only,
                              workers=args.workers, progress=True)
     print(f"wrote the synthetic cohort to {args.out}: {info.get('counts', info)}")
+    if args.dicom:
+        from simulation.dicom_export import export_site_dicom
+
+        if args.tabular_only:
+            raise ValueError("--dicom needs the volumes: leave out --tabular-only")
+        for site_id in info["counts"]:
+            manifest = export_site_dicom(Path(args.out) / site_id, remove_nifti=True, progress=True)
+            print(f"{site_id}: phases written as DICOM series under {manifest.parent / 'dicom'}; "
+                  f"manifest {manifest} points at them")
     return 0
 
 
@@ -31,7 +40,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
     config = load_site_config(args.site)
     site = prepare_site(config, workers=args.workers)
-    print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}")
+    if site.qc is not None:
+        print(site.qc.summary())
+        for issue in site.qc.issues[:20]:
+            print(f"  - {issue.describe()}")
+        if len(site.qc.issues) > 20:
+            print(f"  ... and {len(site.qc.issues) - 20} more")
+    print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}; "
+          f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
     return 0
 
 
@@ -85,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=2)
     synth.add_argument("--tabular-only", action="store_true", help="manifests and oracle, no volumes")
+    synth.add_argument("--dicom", action="store_true",
+                       help="write the phases as DICOM series folders (masks stay NIfTI), as a PACS export")
     synth.set_defaults(func=_synth)
 
     prepare = sub.add_parser("prepare", help="prepare one hospital's data for training (cached)")

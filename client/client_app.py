@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.federated import evaluate_round, train_round
+from client.evaluation import CLINICAL_PREFIX
+from client.federated import evaluate_round, site_id_of, train_round
+from client.secagg_client import is_secagg_message, secagg_app
+from common.config import RunConfig
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training split."""
+    """Train the received global model on this site's training split; reply with weights and metrics.
+
+    The messages of a SecAgg+ round go to the SecAgg+ client (client/secagg_client.py).
+    """
+    if is_secagg_message(msg):
+        return secagg_app(msg, context)
     state, metrics = train_round(msg.content["arrays"].to_torch_state_dict(),
                                  dict(msg.content["config"]), context.run_config, context.node_config)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    site_id = site_id_of(RunConfig.from_mapping(context.run_config), context.node_config)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"site-id": site_id})})
     return Message(content=content, reply_to=msg)
 
 
@@ -23,8 +35,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model; reply with counts and fixed-size histograms only."""
     metrics, summary, site_id = evaluate_round(msg.content["arrays"].to_torch_state_dict(),
-                                      dict(msg.content["config"]), context.run_config, context.node_config)
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "summary": ArrayRecord.from_array_dict({k: Array(v) for k, v in summary.items()}),
-                          "site": ConfigRecord({"site-id": site_id})})
+                                               dict(msg.content["config"]), context.run_config,
+                                               context.node_config)
+    records = {"summary": {k: v for k, v in summary.items() if not k.startswith(CLINICAL_PREFIX)},
+               "clinical": {k[len(CLINICAL_PREFIX):]: v for k, v in summary.items() if k.startswith(CLINICAL_PREFIX)}}
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id}),
+                          **{name: ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+                             for name, arrays in records.items() if arrays}})
     return Message(content=content, reply_to=msg)

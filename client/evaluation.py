@@ -14,6 +14,8 @@ from common.metrics.federated_clinical import ClinicalGrid, model_site_summary
 from common.metrics.summaries import SummaryGrid, site_summary
 
 AUC_KEYS = ("auc_pos", "auc_neg")
+#: Prefix of the clinical-summary arrays in an evaluate reply (the final test evaluation only).
+CLINICAL_PREFIX = "clinical/"
 CINDEX_KEYS = ("cidx_event", "cidx_all")
 
 

@@ -44,12 +44,35 @@ class Preprocessing:
     becomes 0 and its standard deviation 1, so tumour-to-liver enhancement is
     kept whatever the tumour's share of the box; "zscore_box" z-scores over
     the whole box.
+
+    ``box_margin_mm``: when set, the cube instead spans the largest tumour's
+    bounding box plus this margin on every side (resampled to ``crop_voxels``
+    voxels, so the voxel size follows the tumour's size); unset (default): the
+    fixed physical cube above.
+    ``register``: rigidly align every phase to ``mask_phase`` (Mattes mutual
+    information, Euler3D) in a cube of ``registration_region_mm`` around the
+    tumour, sampled at ``registration_spacing_mm``; the patient is excluded
+    when the final metric (negated mutual information, lower is better) is
+    above ``registration_metric_threshold``
+    or the transform exceeds ``registration_max_rotation_deg`` /
+    ``registration_max_shift_mm``.
+    ``n4_bias_correction``: N4 bias-field correction of every phase before
+    anything else (slower; off by default).
     """
 
     spacing_mm: float = 3.0
     crop_voxels: int = 32
     normalisation: str = "zscore_ring"
     ring_mm: float = 10.0
+    box_margin_mm: float | None = None
+    register: bool = True
+    registration_iterations: int = 30
+    registration_region_mm: float = 120.0
+    registration_spacing_mm: float = 4.0
+    registration_metric_threshold: float = -0.15
+    registration_max_rotation_deg: float = 10.0
+    registration_max_shift_mm: float = 20.0
+    n4_bias_correction: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,7 @@ def _parse_preprocessing(raw: Mapping[str, Any], where: str) -> Preprocessing:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: key 'preprocessing' has unknown keys {unknown}; known: {sorted(known)}")
+    _check_preprocessing_types(raw, where)
     prep = Preprocessing(**raw)
     if prep.spacing_mm <= 0 or prep.crop_voxels < 8:
         raise ConfigError(f"{where}: key 'preprocessing' needs spacing_mm > 0 and crop_voxels >= 8")
@@ -113,7 +137,36 @@ def _parse_preprocessing(raw: Mapping[str, Any], where: str) -> Preprocessing:
         raise ConfigError(f"{where}: key 'preprocessing.normalisation' must be one of {list(NORMALISATIONS)}")
     if prep.ring_mm <= 0:
         raise ConfigError(f"{where}: key 'preprocessing.ring_mm' must be > 0")
+    if prep.box_margin_mm is not None and prep.box_margin_mm < 0:
+        raise ConfigError(f"{where}: key 'preprocessing.box_margin_mm' must be >= 0 (or absent)")
+    if (prep.registration_iterations < 1 or prep.registration_region_mm <= 0
+            or prep.registration_spacing_mm <= 0):
+        raise ConfigError(f"{where}: key 'preprocessing' needs registration_iterations >= 1, "
+                          "registration_region_mm > 0 and registration_spacing_mm > 0")
+    if prep.registration_max_rotation_deg <= 0 or prep.registration_max_shift_mm <= 0:
+        raise ConfigError(f"{where}: key 'preprocessing' needs registration_max_rotation_deg > 0 and "
+                          "registration_max_shift_mm > 0")
     return prep
+
+
+def _check_preprocessing_types(raw: Mapping[str, Any], where: str) -> None:
+    """Each preprocessing key has the type of its default (a YAML typo never passes silently)."""
+    for f in fields(Preprocessing):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                value is None and "None" in kind)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"{where}: key 'preprocessing.{f.name}' must be {kind}, got {value!r}")
 
 
 def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
@@ -204,6 +257,36 @@ class RunConfig:
     encoder_width: int = 12
     site_configs: tuple[str, ...] = ()
     run_dir: str = "runs/flwr-run"
+    # ViT encoder only (encoder-width is its token width, a multiple of vit-heads).
+    vit_patch_size: int = 8
+    vit_depth: int = 4
+    vit_heads: int = 4
+    # Local augmentation: "flip-shift" (mirror flips + small shifts), "affine"
+    # (MONAI-style: small rotations, scaling, flips, shifts), or "none".
+    augment: str = "flip-shift"
+    # Aggregation: "fedavg", "fedprox" (proximal-mu at the sites), "fedadam"
+    # (server-side Adam, server-learning-rate); weighted by training patients.
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    # FedBN-style: each site keeps its own GroupNorm / LayerNorm parameters.
+    local_norm: bool = False
+    # Fraction of sites sampled per round (seeded by `seed`).
+    fraction_train: float = 1.0
+    # Local DP-SGD (Opacus) when dp-epsilon > 0: the target (epsilon, dp-delta)
+    # over the planned rounds x local epochs, per-sample clipping at
+    # dp-max-grad-norm; dp-sites: comma-separated site ids (empty: all sites).
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_sites: tuple[str, ...] = ()
+    # Central DP at the server (fixed clipping) when central-dp-noise > 0.
+    central_dp_noise: float = 0.0
+    central_dp_clipping_norm: float = 1.0
+    # SecAgg+ (legacy Flower workflow; see server/secagg.py).
+    secagg: bool = False
+    # Continue an interrupted run from the last checkpoint under run-dir.
+    resume: bool = False
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -214,8 +297,10 @@ class RunConfig:
         values: dict[str, Any] = {}
         for key, value in raw.items():
             f = known[key]
-            if f.name == "site_configs":
+            if f.name in ("site_configs", "dp_sites"):
                 value = tuple(s.strip() for s in str(value).split(",") if s.strip())
+            elif f.type in ("bool", bool):
+                value = _parse_bool(key, value)
             elif f.type in ("int", int):
                 value = int(value)
             elif f.type in ("float", float):
@@ -226,7 +311,28 @@ class RunConfig:
         config = cls(**values)
         if config.num_server_rounds < 1 or config.local_epochs < 1 or config.batch_size < 1:
             raise ConfigError("run config: num-server-rounds, local-epochs and batch-size must be >= 1")
+        config.check_training_choices()
         return config
+
+    def check_training_choices(self) -> None:
+        """Reject unknown encoder / strategy / augmentation names and out-of-range values."""
+        choices = {"encoder": ("cnn", "resnet10", "vit", "none"), "strategy": ("fedavg", "fedprox", "fedadam"),
+                   "augment": ("flip-shift", "affine", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"run config: '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"run config: 'fraction-train' must be in (0, 1], got {self.fraction_train}")
+        if self.dp_epsilon < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_max_grad_norm <= 0:
+            raise ConfigError("run config: need dp-epsilon >= 0, 0 < dp-delta < 1 and dp-max-grad-norm > 0, got "
+                              f"{self.dp_epsilon}, {self.dp_delta}, {self.dp_max_grad_norm}")
+        if self.central_dp_noise < 0 or self.central_dp_clipping_norm <= 0:
+            raise ConfigError("run config: need central-dp-noise >= 0 and central-dp-clipping-norm > 0")
+        if self.proximal_mu < 0 or self.server_learning_rate <= 0:
+            raise ConfigError("run config: need proximal-mu >= 0 and server-learning-rate > 0")
+        if self.secagg and (self.strategy == "fedadam" or self.central_dp_noise > 0 or self.fraction_train < 1):
+            raise ConfigError("run config: 'secagg' works with strategy fedavg or fedprox, every site training "
+                              "(fraction-train 1) and no central DP: the server only sees the masked sum")
 
     def to_flwr(self) -> dict[str, Any]:
         """The ``--run-config`` form (kebab-case keys, Flower-compatible values)."""
@@ -235,3 +341,14 @@ class RunConfig:
             value = getattr(self, f.name)
             out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
         return out
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"run config: key '{key}' must be true or false, got {value!r}")

@@ -2,7 +2,8 @@
 
 ``AuditingGrid`` wraps Flower's Grid and writes, for every reply a site sends,
 its message type, sender, and the structure of its content: each record's
-keys, each array's dtype and shape and each metric's name. The log lets anyone
+keys, each array's dtype, shape and size in bytes (``nbytes``, and the
+message's total ``array_nbytes``) and each metric's name. The log lets anyone
 check what left a hospital without reading weights.
 """
 
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from flwr.app import Message
 
 
@@ -24,6 +26,7 @@ def describe_message(msg: Message) -> dict[str, Any]:
         "array_records": {},
         "metric_records": {},
         "config_records": {},
+        "array_nbytes": 0,
     }
     if msg.has_error():
         entry["error"] = msg.error.reason
@@ -31,13 +34,26 @@ def describe_message(msg: Message) -> dict[str, Any]:
     content = msg.content
     for name, record in content.array_records.items():
         entry["array_records"][name] = {
-            key: {"dtype": array.dtype, "shape": list(array.shape)} for key, array in record.items()
+            key: {"dtype": array.dtype, "shape": list(array.shape), "nbytes": _nbytes(array)}
+            for key, array in record.items()
         }
+        entry["array_nbytes"] += sum(v["nbytes"] for v in entry["array_records"][name].values())
     for name, record in content.metric_records.items():
         entry["metric_records"][name] = dict(record)
     for name, record in content.config_records.items():
         entry["config_records"][name] = sorted(record)
+    # Bytes inside config records (SecAgg+ sends its masked vectors and key shares there).
+    entry["config_nbytes"] = sum(len(v) if isinstance(v, bytes) else sum(len(x) for x in v if isinstance(x, bytes))
+                                 for record in content.config_records.values() for v in record.values()
+                                 if isinstance(v, (bytes, list)))
+    if "site" in content.config_records and "site-id" in content.config_records["site"]:
+        entry["site_id"] = str(content.config_records["site"]["site-id"])
     return entry
+
+
+def _nbytes(array: Any) -> int:
+    """Bytes of the array's values (as numpy's nbytes), from its dtype and shape."""
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
 
 
 class AuditingGrid:
@@ -68,3 +84,23 @@ class AuditingGrid:
 def read_audit(log_path: Path) -> list[dict[str, Any]]:
     """The audit log as a list of entries."""
     return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+
+
+def train_bytes_per_site(entries: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Bytes each site sent in its training replies (arrays + bytes in config records), per reply.
+
+    Sites are named by the ``site-id`` of their replies (else by node id). With
+    plain aggregation a site sends one train reply per round it trained; a
+    SecAgg+ round takes four (one per protocol stage).
+    """
+    names: dict[Any, str] = {}
+    for entry in entries:
+        site = entry.get("site_id")
+        if site:
+            names[entry["src_node_id"]] = site
+    out: dict[str, list[int]] = {}
+    for entry in entries:
+        if entry["message_type"] == "train" and not entry["has_error"]:
+            name = names.get(entry["src_node_id"], f"node-{entry['src_node_id']}")
+            out.setdefault(name, []).append(int(entry.get("array_nbytes", 0)) + int(entry.get("config_nbytes", 0)))
+    return out

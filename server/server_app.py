@@ -12,5 +12,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """FedAvg over the sites, then a final federated evaluation on their test splits."""
+    """The configured strategy over the sites (resuming from a checkpoint with ``resume``),
+    then a final federated evaluation on their test splits."""
     run_federated_training(grid, dict(context.run_config))

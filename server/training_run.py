@@ -1,31 +1,47 @@
 """One federated training run as the coordinator sees it.
 
-FedAvg (Flower's ``flwr.serverapp.strategy.FedAvg``) weighted by each site's
-number of training patients; after every round the sites evaluate the global
-model on their validation split and the server pools their histograms into an
-AUC and C-index; the round with the best pooled validation AUC is kept and,
-after the last round, evaluated on the sites' test splits. The server
-writes the global model, the figures and an audit of every received message
-under the run's ``run-dir``.
+The strategy (server/strategies.py: FedAvg by default, FedProx or FedAdam,
+optionally inside central DP) is weighted by each site's number of training
+patients. Each round: the sampled sites train, their replies are checked
+(server/update_validation.py: a bad reply is logged and left out), the rest
+are aggregated; then every site evaluates the global model on its validation
+split and the server pools their histograms into an AUC and C-index; the
+round's model and state are checkpointed (server/checkpoints.py). The round
+with the best pooled validation AUC is kept and, after the last round,
+evaluated on the sites' test splits. The server writes the global model, the
+figures and an audit of every received message under the run's ``run-dir``.
+
+The round loop is written out here rather than using ``Strategy.start``: that
+loop always starts at round 1 and cannot resume, and the reply checks must
+run before any wrapper (central DP clips replies before its inner strategy sees them).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig
-from common.models.fusion import build_model
+from common.config import ConfigError, RunConfig
+from common.models.fusion import model_from_run_config
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
 from server.audit import AuditingGrid
-from server.federated_eval import SUMMARY_KEYS, pooled_figures
+from server.checkpoints import load_checkpoint, save_checkpoint
+from server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
+from server.secagg import SecureAggregator
+from server.strategies import make_strategy, restore_strategy_state, strategy_state
+from server.update_validation import reply_site_id, validate_train_replies
+
+LOG = logging.getLogger("flwr")  # Flower's logger: shown in the run's log with its own lines
 
 
 def summaries_of(contents: list[RecordDict]) -> list[dict[str, np.ndarray]]:
@@ -52,75 +68,152 @@ class PooledEvaluation:
         return MetricRecord({k: v for k, v in figures.items() if np.isfinite(v)})
 
 
-class BestRoundFedAvg(FedAvg):
-    """FedAvg that remembers the global model of the round with the best pooled validation AUC.
+@dataclass
+class RunProgress:
+    """The bookkeeping of a run that a checkpoint keeps (no weights but the best round's number)."""
 
-    Each round's aggregate is evaluated by the sites on their validation
-    splits; the model that is finally tested is the best one so far (the
-    earliest on ties), i.e. early stopping on a federated validation figure.
-    """
+    run_token: str
+    best_round: int = 0
+    best_auc: float = -np.inf
+    validation_history: list[dict[str, Any]] = field(default_factory=list)
+    train_history: dict[int, dict[str, float]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    node_sites: dict[int, str] = field(default_factory=dict)
 
-    def __init__(self, evaluation: PooledEvaluation, **kwargs: Any):
-        super().__init__(evaluate_metrics_aggr_fn=evaluation, **kwargs)
-        self.evaluation = evaluation
-        self.latest_arrays: ArrayRecord | None = None
-        self.best_arrays: ArrayRecord | None = None
-        self.best_round = 0
-        self.best_auc = -np.inf
-
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.latest_arrays = arrays
-        return arrays, metrics
-
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
-        auc = self.evaluation.history[-1].get("auc", np.nan) if self.evaluation.history else np.nan
-        if self.latest_arrays is not None and (self.best_arrays is None or auc > self.best_auc):
-            self.best_arrays, self.best_round = self.latest_arrays, server_round
+    def update_best(self, server_round: int, auc: float) -> None:
+        """Early stopping on the pooled validation AUC: keep the best round (the earliest on ties)."""
+        if self.best_round == 0 or auc > self.best_auc:
+            self.best_round = server_round
             self.best_auc = auc if np.isfinite(auc) else self.best_auc
-        return metrics
+
+
+def _round_config(base: ConfigRecord, **values: Any) -> ConfigRecord:
+    config = ConfigRecord(dict(base))
+    config.update(values)
+    return config
+
+
+def train_one_round(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord,
+                    train_config: ConfigRecord, progress: RunProgress, seed: int
+                    ) -> tuple[ArrayRecord, MetricRecord | None]:
+    """Send, check the replies, aggregate; returns the new global arrays (unchanged if none was sound)."""
+    messages = strategy.configure_train(server_round, arrays, _round_config(train_config), grid)
+    replies = list(grid.send_and_receive(messages))
+    for msg in replies:
+        if reply_site_id(msg) != "unknown":
+            progress.node_sites[int(msg.metadata.src_node_id)] = reply_site_id(msg)
+    accepted, rejected = validate_train_replies(replies, arrays, progress.node_sites)
+    # Aggregate in a fixed order (replies arrive in any order; float sums depend on it).
+    accepted.sort(key=lambda m: (reply_site_id(m), int(m.metadata.src_node_id)))
+    progress.rejected += [{"round": server_round, "node_id": r.node_id, "site_id": r.site_id, "reason": r.reason}
+                          for r in rejected]
+    if not accepted:
+        LOG.warning("round %d: no sound training reply; the global model is unchanged", server_round)
+        return arrays, None
+    # Central DP draws its noise from numpy's global generator: seed it per round for reproducibility.
+    np.random.seed(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
+    new_arrays, metrics = strategy.aggregate_train(server_round, accepted)
+    return (new_arrays if new_arrays is not None else arrays), metrics
+
+
+def secure_train_round(aggregator: SecureAggregator, grid: Any, server_round: int, arrays: ArrayRecord,
+                       train_config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord | None]:
+    """A SecAgg+ round: the server only sees the weighted average, which must still be finite."""
+    aggregated, metrics = aggregator.aggregate(grid, server_round, arrays, train_config)
+    if aggregated is None or not all(np.isfinite(a.numpy()).all() for a in aggregated.values()):
+        LOG.warning("round %d: secure aggregation gave no usable model; the global model is unchanged", server_round)
+        return arrays, None
+    return aggregated, MetricRecord(metrics)
+
+
+def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord,
+                            config: ConfigRecord) -> MetricRecord | None:
+    replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, config, grid))
+    return strategy.aggregate_evaluate(server_round, replies)
+
+
+RESUME_MAY_CHANGE = {"resume", "num-server-rounds"}
+
+
+def check_resumable(run_dir: Path, config: RunConfig) -> None:
+    """Resuming needs the interrupted run's settings (only ``num-server-rounds`` may grow)."""
+    saved = json.loads((run_dir / "checkpoints" / "run_config.json").read_text())
+    current = config.to_flwr()
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(f"run config: cannot resume {run_dir} with changed keys {changed}; "
+                          f"start a new run-dir or use the saved values in {run_dir / 'checkpoints' / 'run_config.json'}")
 
 
 def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Train, evaluate and save; returns what it wrote to ``federated.json``."""
+    """Train (or resume), evaluate and save; returns what it wrote to ``federated.json``."""
     config = RunConfig.from_mapping(run_config_raw)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     grid = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
     n_sites = max(1, len(config.site_configs))
-    model = build_model(config.encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()),
-                        width=config.encoder_width, seed=config.seed)
+    model = model_from_run_config(config, len(IMAGE_CHANNELS), len(clinical_feature_names()))
     evaluation = PooledEvaluation()
-    strategy = BestRoundFedAvg(evaluation, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
-                               min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
+    strategy = make_strategy(config, n_sites, evaluation)
+    arrays = ArrayRecord(model.state_dict())
+    progress = RunProgress(run_token=uuid.uuid4().hex[:12])
+    start_round = 1
+    checkpoint = load_checkpoint(run_dir) if config.resume else None
+    if checkpoint is not None:
+        check_resumable(run_dir, config)
+        arrays, start_round = checkpoint["arrays"], checkpoint["round"] + 1
+        restore_strategy_state(strategy, checkpoint["strategy_state"])
+        progress = RunProgress(**checkpoint["progress"])
+        evaluation.history = list(progress.validation_history)
+        LOG.info("resuming %s after round %d", run_dir, checkpoint["round"])
+    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token})
+    aggregator = SecureAggregator(n_sites) if config.secagg else None
+    if aggregator is not None and config.strategy == "fedprox":
+        train_config["proximal-mu"] = config.proximal_mu  # FedProx's configure_train is bypassed
     started = time.time()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=config.num_server_rounds,
-                            train_config=ConfigRecord({"lr": config.learning_rate}),
-                            evaluate_config=ConfigRecord({"split": "val"}))
-    arrays = strategy.best_arrays if strategy.best_arrays is not None else result.arrays
+    for server_round in range(start_round, config.num_server_rounds + 1):
+        LOG.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
+        if aggregator is not None:
+            arrays, train_metrics = secure_train_round(aggregator, grid, server_round, arrays, train_config)
+        else:
+            arrays, train_metrics = train_one_round(strategy, grid, server_round, arrays, train_config, progress,
+                                                    config.seed)
+        if train_metrics is not None:
+            progress.train_history[server_round] = dict(train_metrics)
+        evaluate_round_on_sites(strategy, grid, server_round, arrays,
+                                ConfigRecord({"split": "val", "run-token": progress.run_token,
+                                              "model-round": server_round}))
+        progress.validation_history = list(evaluation.history)
+        progress.update_best(server_round, evaluation.history[-1].get("auc", np.nan) if evaluation.history
+                             else np.nan)
+        save_checkpoint(run_dir, server_round, arrays, config, strategy_state(strategy), vars(progress))
+    best = load_checkpoint(run_dir, progress.best_round) if progress.best_round else None
+    selected = best["arrays"] if best is not None else arrays
     # Final evaluation of the selected global model on every site's test split.
-    replies = grid.send_and_receive(
-        messages=strategy.configure_evaluate(config.num_server_rounds + 1, arrays,
-                                             ConfigRecord({"split": "test"}), grid))
-    FedAvg.aggregate_evaluate(strategy, config.num_server_rounds + 1, replies)
+    test_round = config.num_server_rounds + 1
+    replies = grid.send_and_receive(messages=strategy.configure_evaluate(
+        test_round, selected, ConfigRecord({"split": "test", "run-token": progress.run_token,
+                                            "model-round": progress.best_round, "figures": "clinical"}), grid))
+    strategy.aggregate_evaluate(test_round, replies)
     test_figures = evaluation.history.pop()
     contents = evaluation.last_contents
     per_site = {site: pooled_figures([summary])
                 for site, summary in zip(site_ids_of(contents), summaries_of(contents))}
-    torch.save(arrays.to_torch_state_dict(), run_dir / "global_model.pt")
-    train_history = {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
+    torch.save(selected.to_torch_state_dict(), run_dir / "global_model.pt")
     out = {
         "run_config": config.to_flwr(),
         "rounds": config.num_server_rounds,
-        "selected_round": strategy.best_round,
+        "selected_round": progress.best_round,
         "seconds": time.time() - started,
+        "resumed_after_round": start_round - 1,
         "validation_history": evaluation.history,
-        "train_history": train_history,
+        "train_history": progress.train_history,
+        "rejected_replies": progress.rejected,
         "test": test_figures,
         "test_per_site": per_site,
+        "figures": pooled_clinical_figures([{k: c["clinical"][k].numpy() for k in c["clinical"]}
+                                            for c in contents if "clinical" in c]),
     }
     (run_dir / "federated.json").write_text(json.dumps(out, indent=2, default=float))
     return out

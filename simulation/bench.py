@@ -3,6 +3,8 @@
 - site preparation: patients per second with 1 worker and with all cores;
 - local training: seconds per sample per training step of the fusion model
   (CNN encoder, demo width) and of the clinical-only model;
+- DP-SGD: seconds per training step of the fusion model with and without
+  Opacus (same data, batch and model, measured alternately), and their ratio;
 - pooled evaluation: seconds to pool the summaries of 3 sites.
 Prints a table and writes ``runs/bench/bench.json``. Ratios are what to compare
 across machines; absolute times are for this machine only.
@@ -23,6 +25,7 @@ import torch
 
 from client.prepare import prepare_site
 from client.site_data import site_split
+from client.privacy import PrivateTraining
 from client.training import TrainSettings, train_local
 from common.config import load_site_config, site_config_to_yaml
 from common.metrics.summaries import SummaryGrid, site_summary
@@ -75,6 +78,30 @@ def bench_training(work: Path, batch: int = 16) -> dict[str, float]:
     return out
 
 
+def bench_dp_step(work: Path, batch: int = 16, repeats: int = 3, encoder: str = "cnn",
+                  width: int = 12) -> dict[str, float]:
+    """Seconds per optimizer step of the fusion model, plain vs DP-SGD, interleaved so both see the same load."""
+    config = load_site_config(next(work.glob("site-1.yaml")))
+    data = site_split(prepare_site(config, workers=1, progress=False), "train", 0)
+    settings = TrainSettings(epochs=1, batch_size=batch)
+    steps = -(-len(data) // batch)
+    plain, private = [], []
+    train_local(build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=width), data,
+                settings, torch.device("cpu"))  # warm-up (allocator, kernels) outside the timing
+    for _ in range(repeats):
+        model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=width)
+        start = time.perf_counter()
+        train_local(model, data, settings, torch.device("cpu"))
+        plain.append((time.perf_counter() - start) / steps)
+        model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=width)
+        start = time.perf_counter()
+        metrics = train_local(model, data, settings, torch.device("cpu"), PrivateTraining(1.0, 1.0))
+        private.append((time.perf_counter() - start) / max(1.0, metrics["dp-steps"]))
+    plain_s, private_s = float(np.median(plain)), float(np.median(private))
+    return {f"train_s_per_step_{encoder}": plain_s, f"train_s_per_step_{encoder}_dp": private_s,
+            f"dp_over_plain_step_ratio_{encoder}": private_s / plain_s}
+
+
 def bench_pooling() -> dict[str, float]:
     rng = np.random.default_rng(0)
     grid = SummaryGrid()
@@ -89,6 +116,7 @@ def main() -> None:
         work = Path(tmp)
         results.update(bench_preparation(work))
         results.update(bench_training(work))
+        results.update(bench_dp_step(work))
     results.update(bench_pooling())
     width = max(len(k) for k in results)
     for key, value in results.items():

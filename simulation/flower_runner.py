@@ -10,6 +10,7 @@ Runtime dependency installation is disabled: the app runs in this environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -108,6 +109,15 @@ def run_config_args(run_config: dict[str, Any]) -> list[str]:
     return args
 
 
+# The simulation process logs Flower's lines a second time with a date prefix; show them once.
+_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
+
+
+def _shows_progress(line: str) -> bool:
+    return (any(k in line for k in ("[ROUND", "failures", "ERROR", "Traceback", "rejected"))
+            and not _DUPLICATE.match(line))
+
+
 def flwr_run(app_dir: Path, run_config: dict[str, Any], flwr_home: Path, num_supernodes: int,
              log_path: Path, echo: Callable[[str], None] | None = None,
              cpus_per_client: int = 1) -> None:
@@ -125,7 +135,7 @@ def flwr_run(app_dir: Path, run_config: dict[str, Any], flwr_home: Path, num_sup
             assert process.stdout is not None
             for line in process.stdout:
                 log.write(line)
-                if echo and any(k in line for k in ("[ROUND", "failures", "ERROR", "Traceback")):
+                if echo and _shows_progress(line):
                     echo(line.rstrip())
             code = process.wait()
     if code != 0:

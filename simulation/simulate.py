@@ -23,14 +23,15 @@ import pandas as pd
 import torch
 import yaml
 
-from client.evaluation import evaluation_summary
+from client.evaluation import clinical_summary, evaluation_summary
 from client.prepare import PreparedSite, prepare_site
 from client.site_data import pooled_split, site_split
 from client.training import TrainSettings, predict, train_local
 from common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
-from common.models.fusion import build_model
+from common.models.fusion import model_from_run_config
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from server.federated_eval import pooled_figures
+from server.audit import read_audit, train_bytes_per_site
+from server.federated_eval import pooled_clinical_figures, pooled_figures
 from server.report import write_report
 from simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, oracle_path, synthesize_cohort
 from simulation.flower_runner import flwr_run
@@ -55,6 +56,23 @@ class SimulationSettings:
     run_id: str | None = None
     workers: int | None = None
     baselines: bool = True
+    # Model and federation options (defaults: the demo's CNN with FedAvg); see common.config.RunConfig.
+    encoder: str = "cnn"
+    vit_patch_size: int = 8
+    vit_depth: int = 4
+    vit_heads: int = 4
+    augment: str = "flip-shift"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    local_norm: bool = False
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    central_dp_noise: float = 0.0
+    central_dp_clipping_norm: float = 1.0
+    secagg: bool = False
+    resume: bool = False
 
 
 def _say(message: str) -> None:
@@ -93,14 +111,16 @@ def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[
 
 def evaluate_on_test(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
     """Pooled and per-site test figures through the same histogram path as a federated run."""
-    summaries = {}
+    summaries, clinical = {}, []
     for site in sites:
         data = site_split(site, "test", seed)
         logits, risks = predict(model, data)
-        summaries[site.site_id] = evaluation_summary(logits, risks, data.labels.numpy(),
-                                                     data.times.numpy(), data.events.numpy())
+        rows = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
+        summaries[site.site_id] = evaluation_summary(*rows)
+        clinical.append(clinical_summary(*rows))
     return {"test": pooled_figures(list(summaries.values())),
-            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()}}
+            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
+            "figures": pooled_clinical_figures(clinical)}
 
 
 def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> float:
@@ -123,14 +143,14 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites
     sites' own validation splits (all a hospital alone would have).
     """
     started = time.time()
-    model = build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()),
-                        width=run.encoder_width, seed=run.seed)
+    model = model_from_run_config(replace(run, encoder=encoder), len(IMAGE_CHANNELS), len(clinical_feature_names()))
     data = pooled_split(sites_for_training, "train", run.seed)
     torch.manual_seed(run.seed)
     best_auc, best_step, best_state = -np.inf, 0, None
     for step in range(1, run.num_server_rounds + 1):
         train_local(model, data, TrainSettings(epochs=run.local_epochs, learning_rate=run.learning_rate,
-                                               batch_size=run.batch_size, seed=run.seed * 1000 + step))
+                                               batch_size=run.batch_size, seed=run.seed * 1000 + step,
+                                               augment=run.augment))
         auc = _validation_auc(model, sites_for_training, run.seed)
         if best_state is None or auc > best_auc:
             best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
@@ -171,14 +191,57 @@ def clinical_logistic_regression(sites: list[PreparedSite], seed: int) -> dict[s
 def oracle_figures(settings: SimulationSettings, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
     """The generator's true risk on the same test patients: the best any model can do."""
     oracle = pd.read_csv(oracle_path(settings.data_dir)).set_index(["site_id", "patient_id"])
-    summaries = []
+    summaries, clinical = [], []
     for site in sites:
         data = site_split(site, "test", seed)
         rows = oracle.loc[[(site.site_id, pid) for pid in data.patient_ids]]
         risk = np.clip(rows["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
-        summaries.append(evaluation_summary(np.log(risk / (1 - risk)), rows["linear_predictor"].to_numpy(dtype=float),
-                                            data.labels.numpy(), data.times.numpy(), data.events.numpy()))
-    return {"test": pooled_figures(summaries)}
+        values = (np.log(risk / (1 - risk)), rows["linear_predictor"].to_numpy(dtype=float),
+                  data.labels.numpy(), data.times.numpy(), data.events.numpy())
+        summaries.append(evaluation_summary(*values))
+        clinical.append(clinical_summary(*values))
+    return {"test": pooled_figures(summaries), "figures": pooled_clinical_figures(clinical)}
+
+
+def run_config_for(settings: SimulationSettings, site_paths: list[Path], run_dir: Path) -> RunConfig:
+    """The federated run's RunConfig from the simulation settings."""
+    shared = {name: getattr(settings, name) for name in (
+        "seed", "encoder", "encoder_width", "vit_patch_size", "vit_depth", "vit_heads", "augment", "strategy",
+        "proximal_mu", "server_learning_rate", "local_norm", "dp_epsilon", "dp_delta", "dp_max_grad_norm",
+        "central_dp_noise", "central_dp_clipping_norm", "secagg", "resume", "local_epochs", "learning_rate",
+        "batch_size")}
+    config = RunConfig(num_server_rounds=settings.rounds, site_configs=tuple(str(p) for p in site_paths),
+                       run_dir=str(run_dir / "federated"), **shared)
+    return RunConfig.from_mapping(config.to_flwr())  # the same checks as a Flower run
+
+
+def describe_privacy(run: RunConfig) -> str:
+    parts = []
+    if run.dp_epsilon > 0:
+        parts.append(f"DP-SGD (epsilon {run.dp_epsilon}, delta {run.dp_delta})")
+    if run.central_dp_noise > 0:
+        parts.append(f"central DP (noise {run.central_dp_noise})")
+    if run.secagg:
+        parts.append("SecAgg+")
+    return (", " + ", ".join(parts)) if parts else ""
+
+
+def bytes_sent_per_round(audit_path: Path, rounds: int) -> dict[str, float]:
+    """Mean bytes each site sent in its training replies per round, from the server's audit log."""
+    per_site = train_bytes_per_site(read_audit(audit_path))
+    return {site: sum(values) / rounds for site, values in sorted(per_site.items())}
+
+
+def dp_spent_per_site(audit_path: Path) -> dict[str, float]:
+    """The last epsilon each site reported in its training replies (from the server's audit log)."""
+    entries = read_audit(audit_path)
+    names = {e["src_node_id"]: e["site_id"] for e in entries if e.get("site_id")}
+    spent: dict[str, float] = {}
+    for entry in entries:
+        metrics = entry["metric_records"].get("metrics", {})
+        if entry["message_type"] == "train" and "dp-epsilon" in metrics:
+            spent[names.get(entry["src_node_id"], str(entry["src_node_id"]))] = float(metrics["dp-epsilon"])
+    return dict(sorted(spent.items()))
 
 
 def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable[[str], None] = _say) -> Path:
@@ -196,25 +259,31 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         sites.append(prepare_site(config, workers=settings.workers))
         echo(f"prepared {config.site_id}: {len(sites[-1])} patients ({time.time() - t0:.1f} s)")
 
-    run = RunConfig(num_server_rounds=settings.rounds, local_epochs=settings.local_epochs,
-                    learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed,
-                    encoder="cnn", encoder_width=settings.encoder_width,
-                    site_configs=tuple(str(p) for p in site_paths), run_dir=str(run_dir / "federated"))
-    echo(f"federated training: {len(sites)} sites, {run.num_server_rounds} rounds (Flower simulation)")
+    run = run_config_for(settings, site_paths, run_dir)
+    echo(f"federated training: {len(sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
+         f"strategy {run.strategy}{describe_privacy(run)} (Flower simulation)")
     t0 = time.time()
     flwr_run(REPO_ROOT, run.to_flwr(), run_dir / ".flwr", num_supernodes=len(sites),
              log_path=run_dir / "flower.log", echo=lambda line: echo("  " + line.split(":", 1)[-1].strip()))
     federated = json.loads((run_dir / "federated" / "federated.json").read_text())
     echo(f"federated: test AUC {federated['test']['auc']:.3f}, C-index {federated['test']['c_index']:.3f} "
          f"({time.time() - t0:.0f} s)")
+    federated["bytes_sent_per_round"] = bytes_sent_per_round(run_dir / "federated" / "messages_audit.jsonl",
+                                                             run.num_server_rounds)
+    echo("bytes each site sends per round: " + ", ".join(
+        f"{site} {n / 1e6:.3f} MB" for site, n in federated["bytes_sent_per_round"].items()))
+    if run.dp_epsilon > 0:
+        federated["dp_epsilon_spent_per_site"] = dp_spent_per_site(run_dir / "federated" / "messages_audit.jsonl")
+        echo(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
+            f"{site} {eps:.2f}" for site, eps in federated["dp_epsilon_spent_per_site"].items()))
 
     federated["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in sites)
     models: dict[str, Any] = {"federated": federated}
     if settings.baselines:
-        models["centralized"] = train_reference("centralized", sites, sites, run, "cnn", echo)
+        models["centralized"] = train_reference("centralized", sites, sites, run, run.encoder, echo)
         for site in sites:
             models[f"local-only {site.site_id}"] = train_reference(f"local-only {site.site_id}", [site], sites,
-                                                                   run, "cnn", echo)
+                                                                   run, run.encoder, echo)
         models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sites,
                                                                 run, "none", echo)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, run.seed)

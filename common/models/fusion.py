@@ -1,4 +1,4 @@
-"""Fusion model: a 3D CNN over the phase channels plus the clinical vector.
+"""Fusion model: a 3D image encoder over the phase channels plus the clinical vector.
 
 As in the seeds (DLRCR, RDC, ViT-fDL) the image embedding and the harmonized
 clinical vector are layer-normalised and concatenated, then a small head gives
@@ -9,14 +9,26 @@ vector, the fused model did worse than the clinical vector alone on the
 synthetic cohort (measured: see the issue notes). Higher outputs mean
 higher risk. GroupNorm (no batch statistics) and no in-place operations, so the
 model is federated without per-site running statistics and works under Opacus.
+
+Encoders, chosen by name: "cnn" (SmallCNN3d, the CPU default), "resnet10"
+(common.models.resnet), "vit" (common.models.vit), "none" (clinical only).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-ENCODERS = ("cnn", "none")
+from common.models.resnet import ResNet10Encoder3d
+from common.models.vit import ViTEncoder3d
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+ENCODERS = ("cnn", "resnet10", "vit", "none")
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
 
 def _block(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
@@ -87,20 +99,24 @@ class FusionNet(nn.Module):
     units (0: linear) over their concatenation.
 
     ``encoder="none"`` gives the clinical-only model through the same code path.
+    ``width`` is the encoder's base width (CNN and ResNet-10 stage width, ViT
+    token width); ``patch_size``, ``depth``, ``heads`` only apply to the ViT.
     forward(images (B, C, D, H, W) float32, clinical (B, F) float32)
     -> (logit (B,), log_risk (B,)).
     """
 
     def __init__(self, in_channels: int, n_clinical: int, encoder: str = "cnn",
                  width: int = 12, image_dim: int = 8, hidden: int = 32, dropout: float = 0.2,
-                 kinetics: bool = True):
+                 kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
         if n_clinical < 0:
             raise ValueError(f"n_clinical must be >= 0, got {n_clinical}")
+        if image_dim < 1 or hidden < 0 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"need image_dim >= 1, hidden >= 0, 0 <= dropout < 1; got {image_dim}, {hidden}, {dropout}")
         self.encoder_name = encoder
-        self.encoder = SmallCNN3d(in_channels, width) if encoder == "cnn" else None
+        self.encoder = _encoder(encoder, in_channels, width, patch_size, depth, heads)
         self.kinetics = kinetics and self.encoder is not None
         if self.encoder is None and n_clinical == 0:
             raise ValueError("the model needs an image encoder or clinical features")
@@ -129,10 +145,42 @@ class FusionNet(nn.Module):
         return out[:, 0], out[:, 1]
 
 
-def build_model(encoder: str, in_channels: int, n_clinical: int, width: int = 12, seed: int = 0) -> FusionNet:
-    """A freshly initialised FusionNet; the same seed gives the same weights."""
+def _encoder(name: str, in_channels: int, width: int, patch_size: int, depth: int, heads: int) -> nn.Module | None:
+    if name == "cnn":
+        return SmallCNN3d(in_channels, width)
+    if name == "resnet10":
+        return ResNet10Encoder3d(in_channels, width)
+    if name == "vit":
+        return ViTEncoder3d(in_channels, width, patch_size=patch_size, depth=depth, heads=heads)
+    return None
+
+
+def build_model(encoder: str, in_channels: int, n_clinical: int, width: int = 12, seed: int = 0,
+                **encoder_options: int) -> FusionNet:
+    """A freshly initialised FusionNet; the same seed gives the same weights.
+
+    ``encoder_options``: ``patch_size``, ``depth``, ``heads`` for the ViT.
+    The global torch generator is left as it was.
+    """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = FusionNet(in_channels, n_clinical, encoder=encoder, width=width)
-    torch.random.set_rng_state(generator_state)
+    try:
+        model = FusionNet(in_channels, n_clinical, encoder=encoder, width=width, **encoder_options)
+    finally:
+        torch.random.set_rng_state(generator_state)
     return model
+
+
+def model_from_run_config(config: "RunConfig", in_channels: int, n_clinical: int) -> FusionNet:
+    """The run's FusionNet (encoder, width and ViT options from the run config), seeded by its seed."""
+    return build_model(config.encoder, in_channels, n_clinical, width=config.encoder_width, seed=config.seed,
+                       patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads)
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    """State-dict keys of the GroupNorm / LayerNorm parameters (the ones FedBN keeps at each site)."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            names += [f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)]
+    return names

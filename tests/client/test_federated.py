@@ -56,3 +56,50 @@ def test_node_names_its_site(run_config, tiny_cohort):
     assert site_config_path(config, {"partition-id": 2}) == str(tiny_cohort[1][2])
     with pytest.raises(ConfigError, match="simulated node 5"):
         site_config_path(config, {"partition-id": 5})
+
+
+def _config(tiny_cohort, tmp_path, **overrides):
+    values = dict(num_server_rounds=1, batch_size=4, encoder_width=4, run_dir=str(tmp_path / "run"),
+                  site_configs=tuple(str(p) for p in tiny_cohort[1]))
+    return RunConfig(**{**values, **overrides}).to_flwr()
+
+
+def test_dp_site_reports_its_spending_and_stops_when_the_budget_is_spent(tiny_cohort, tmp_path):
+    config = _config(tiny_cohort, tmp_path, dp_epsilon=8.0, dp_delta=1e-5)
+    state = _initial_state(config)
+    new, metrics = train_round(state, {"server-round": 1, "run-token": "a"}, config, {"partition-id": 0})
+    assert 0 < metrics["dp-epsilon"] <= 8.0 and metrics["dp-delta"] == 1e-5
+    assert metrics["dp-budget-exhausted"] == 0.0
+    assert any(not torch.equal(new[k], state[k]) for k in state)
+    # The run planned one round: a second would overspend, so the site returns the weights unchanged.
+    again, stopped = train_round(new, {"server-round": 2, "run-token": "a"}, config, {"partition-id": 0})
+    assert stopped["dp-budget-exhausted"] == 1.0 and stopped["dp-epsilon"] == metrics["dp-epsilon"]
+    assert all(torch.equal(again[k], new[k]) for k in new)
+    # Same keys from a site outside dp-sites (Flower needs consistent replies): epsilon is infinite there.
+    partial = _config(tiny_cohort, tmp_path, dp_epsilon=8.0, dp_sites=("hospital_a",))
+    _, plain = train_round(state, {"server-round": 1, "run-token": "a"}, partial, {"partition-id": 1})
+    assert set(plain) == set(metrics) and plain["dp-epsilon"] == float("inf")
+
+
+def test_local_norm_parameters_stay_at_the_site(tiny_cohort, tmp_path):
+    from common.models.fusion import norm_parameter_names
+
+    config = _config(tiny_cohort, tmp_path, local_norm=True, num_server_rounds=2)
+    state = _initial_state(config)
+    first, _ = train_round(state, {"server-round": 1, "run-token": "t"}, config, {"partition-id": 0})
+    norms = norm_parameter_names(build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()), width=4))
+    # Round 2 from an "averaged" model whose norm parameters are garbage: the site uses its own.
+    averaged = {k: (v + 5.0 if k in norms else v) for k, v in first.items()}
+    a, _ = train_round(averaged, {"server-round": 2, "run-token": "t"}, config, {"partition-id": 0})
+    b, _ = train_round(first, {"server-round": 2, "run-token": "t"}, config, {"partition-id": 0})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Evaluation of round 1's model uses round 1's local norms too.
+    m1, s1, _ = evaluate_round(averaged, {"split": "val", "run-token": "t", "model-round": 1}, config,
+                               {"partition-id": 0})
+    m2, s2, _ = evaluate_round(first, {"split": "val", "run-token": "t", "model-round": 1}, config,
+                               {"partition-id": 0})
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+    # Without local-norm the garbage would be used.
+    plain = _config(tiny_cohort, tmp_path, num_server_rounds=2)
+    c, _ = train_round(averaged, {"server-round": 2, "run-token": "t"}, plain, {"partition-id": 0})
+    assert any(not torch.equal(c[k], b[k]) for k in c)

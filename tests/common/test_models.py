@@ -46,3 +46,102 @@ def test_no_batch_statistics_so_federated_averaging_is_complete():
     model = build_model("cnn", 5, 7, width=4)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert len(list(model.buffers())) == 0  # every state entry is a parameter FedAvg averages
+
+
+# ---------------------------------------------------------------- encoders
+from opacus.validators import ModuleValidator  # noqa: E402
+
+from common.models.fusion import ENCODERS, norm_parameter_names  # noqa: E402
+from common.models.resnet import ResNet10Encoder3d  # noqa: E402
+from common.models.vit import ViTEncoder3d, sinusoidal_position_code  # noqa: E402
+
+TINY = {"cnn": {"width": 4}, "resnet10": {"width": 4}, "vit": {"width": 8, "patch_size": 8, "depth": 2, "heads": 2},
+        "none": {}}
+
+
+def _tiny(encoder, seed=0):
+    return build_model(encoder, 5, 7, seed=seed, **TINY[encoder])
+
+
+def _images(n=2, size=(16, 16, 16), channels=5, seed=0):
+    """Random phases and a binary tumour mask (last channel), as the sites prepare them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, *size, generator=g)
+    x[:, -1] = (torch.rand(n, *size, generator=g) < 0.2).float()
+    return x
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_encoder_gives_two_heads_and_gradients(encoder):
+    model = _tiny(encoder)
+    logit, risk = model(_images(), torch.randn(2, 7))
+    assert logit.shape == (2,) and risk.shape == (2,) and torch.isfinite(logit).all()
+    (logit.sum() + risk.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("encoder", ["resnet10", "vit"])
+def test_encoder_weights_and_outputs_follow_the_seed(encoder):
+    x, c = _images(), torch.randn(2, 7)
+    a, b, other = _tiny(encoder, 1).eval(), _tiny(encoder, 1).eval(), _tiny(encoder, 2).eval()
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(a(x, c)[0], b(x, c)[0])
+    assert not torch.equal(a(x, c)[0], other(x, c)[0])
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "resnet10", "vit"])
+def test_models_pass_opacus_validation_as_built(encoder):
+    """No BatchNorm, no unsupported layer: Opacus' standard hooks mode works without ModuleValidator.fix."""
+    model = _tiny(encoder)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_encoder_embedding_sizes_and_input_channels():
+    assert ResNet10Encoder3d(3, width=4)(_images(channels=3)).shape == (2, 64)
+    assert ResNet10Encoder3d(5, widths=(2, 4, 6, 8))(_images(1)).shape == (1, 16)
+    vit = ViTEncoder3d(7, width=12, patch_size=4, depth=1, heads=3)
+    assert vit(_images(channels=7, size=(16, 8, 12))).shape == (2, 24)  # any size divisible by the patch
+    code = sinusoidal_position_code((2, 3, 4), 12)
+    assert code.shape == (24, 12) and len({tuple(r.tolist()) for r in code}) == 24
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ResNet10Encoder3d(1), "in_channels"),
+    (lambda: ResNet10Encoder3d(5, width=0), "width must be >= 1, got 0"),
+    (lambda: ResNet10Encoder3d(5, widths=(4, 8)), "four positive stage widths"),
+    (lambda: ViTEncoder3d(5, width=10, heads=4), "width 10, heads 4"),
+    (lambda: ViTEncoder3d(5, patch_size=0), "patch_size must be >= 1, got 0"),
+    (lambda: ViTEncoder3d(5, depth=0), "depth must be >= 1, got 0"),
+    (lambda: ViTEncoder3d(1), "in_channels"),
+    (lambda: FusionNet(5, 7, encoder="vit", width=8, heads=3), "width 8, heads 3"),
+    (lambda: FusionNet(5, 7, dropout=1.5), "dropout"),
+])
+def test_encoders_reject_bad_values_naming_them(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_vit_rejects_input_not_divisible_by_patch():
+    with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
+        ViTEncoder3d(5, width=8, patch_size=8, depth=1, heads=2)(torch.randn(1, 5, 12, 16, 16))
+
+
+def test_norm_parameter_names_are_the_group_and_layer_norms():
+    model = _tiny("resnet10")
+    names = norm_parameter_names(model)
+    state = model.state_dict()
+    assert names and set(names) <= set(state)
+    assert any(".norm1.weight" in n for n in names) and "clinical_norm.weight" in names
+    assert not any("conv" in n for n in names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("encoder", ["cnn", "resnet10", "vit"])
+def test_forward_backward_on_cuda_with_mixed_precision(encoder):
+    model = _tiny(encoder).cuda()
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        logit, risk = model(_images().cuda(), torch.randn(2, 7, device="cuda"))
+    (logit.float().sum() + risk.float().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -13,6 +13,7 @@ import pytest
 from common.metrics.summaries import SummaryGrid
 from common.models.fusion import build_model
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from client.evaluation import clinical_summary
 from server.audit import read_audit
 from simulation.simulate import SimulationSettings, simulate
 
@@ -48,10 +49,16 @@ def test_report_holds_every_model_with_real_figures(finished_run):
     html = (finished_run / "report.html").read_text()
     for name in ["oracle", *expected]:
         assert name in html
+    # the clinical figures of the seeds, computed from the sites' summaries, with their plots
+    for name in ("federated", "centralized"):
+        assert 0.0 <= models[name]["figures"]["brier"] <= 1.0
+    for text in ("ROC curves", "Calibration", "Decision curves", "Kaplan-Meier: federated", "Hosmer-Lemeshow"):
+        assert text in html, text
+    assert html.count("src='data:image/png;base64,") >= 4
 
 
 @pytest.mark.slow
-def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tiny_cohort):
+def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tiny_cohort, tiny_site_profiles):
     audit = read_audit(finished_run / "federated" / "messages_audit.jsonl")
     n_sites = len(tiny_cohort[1])
     model = build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()), width=4)
@@ -68,12 +75,27 @@ def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tin
         assert set(entry["array_records"]) == {"arrays"}
         assert {k: v["shape"] for k, v in entry["array_records"]["arrays"].items()} == weight_shapes
         assert set(entry["metric_records"]["metrics"]) == {"loss", "num-examples"}
-    for entry in evaluate:
-        assert set(entry["array_records"]) == {"summary"}
+        assert entry["config_records"] == {"site": ["site-id"]}
+    clinical_shapes = {k: list(v.shape) for k, v in clinical_summary(
+        np.zeros(2), np.zeros(2), np.array([0, 1]), np.ones(2), np.ones(2)).items()}
+    for i, entry in enumerate(evaluate):
+        final = i >= ROUNDS * n_sites  # only the final test evaluation carries the clinical summary
+        assert set(entry["array_records"]) == ({"summary", "clinical"} if final else {"summary"})
         assert {k: v["shape"] for k, v in entry["array_records"]["summary"].items()} == summary_shapes
+        if final:  # fixed-size counts and per-bin sums, whatever the site's size
+            assert {k: v["shape"] for k, v in entry["array_records"]["clinical"].items()} == clinical_shapes
         assert set(entry["metric_records"]["metrics"]) == {"num-examples", "num-positive", "num-negative",
                                                            "num-events"}
         assert entry["config_records"] == {"site": ["site-id"]}
+    # The bytes each site sends per round are the model's weights, from the audit.
+    model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert all(e["array_nbytes"] == model_bytes for e in train)
+    federated = json.loads((finished_run / "metrics.json").read_text())["models"]["federated"]
+    assert federated["bytes_sent_per_round"] == {s.site_id: model_bytes for s in tiny_site_profiles}
+    # Every round was checkpointed with the run config.
+    checkpoints = finished_run / "federated" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("round-*.pt")) == [f"round-{r:05d}.pt" for r in (1, 2)]
+    assert json.loads((checkpoints / "run_config.json").read_text())["seed"] == 7
     # No patient identifier anywhere in what the server kept.
     text = "".join(p.read_text() for p in (finished_run / "federated").glob("*.json*"))
     ids = [line.split(",")[0] for p in tiny_cohort[0].glob("*/manifest.csv")

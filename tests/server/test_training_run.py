@@ -1,0 +1,98 @@
+"""The coordinator's round loop, in-process against the real ClientApp (no SuperLink).
+
+A tiny cohort, width-4 CNN, 2 rounds: a bad site reply is rejected and the
+round completes; an interrupted run resumed from its checkpoint ends with the
+same weights as the uninterrupted one (FedAdam state and FedBN-style local norm
+parameters included); the sites sampled each round follow the run's seed.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from client.client_app import app as client_app
+from common.config import ConfigError, RunConfig
+from server.checkpoints import load_checkpoint
+from server.training_run import run_federated_training
+
+ROUNDS = 2
+
+
+def _run_config(tiny_cohort, run_dir, **overrides):
+    return RunConfig(num_server_rounds=ROUNDS, batch_size=4, encoder_width=4, seed=3,
+                     site_configs=tuple(str(p) for p in tiny_cohort[1]), run_dir=str(run_dir),
+                     **overrides).to_flwr()
+
+
+def _grid(in_process_grid, tiny_cohort, run_config, **kwargs):
+    nodes = [{"partition-id": i} for i in range(len(tiny_cohort[1]))]
+    return in_process_grid(client_app, nodes, run_config, **kwargs)
+
+
+class CrashAfter:
+    """Raise on the first training message of round ``round`` (the server 'dies' mid-run)."""
+
+    def __init__(self, grid, round_):
+        self.grid, self.round = grid, round_
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.content["config"]["server-round"] == self.round
+               for m in messages):
+            raise RuntimeError("simulated crash")
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def _poison_site_b(reply):
+    if reply.metadata.message_type == "train" and reply.content["site"]["site-id"] == "hospital_b":
+        arrays = reply.content["arrays"]
+        first = next(iter(arrays))
+        bad = arrays[first].numpy().copy()
+        bad.flat[0] = np.nan
+        arrays[first] = Array(bad)
+    return reply
+
+
+def test_bad_reply_is_rejected_and_the_round_completes(tiny_cohort, tmp_path, in_process_grid):
+    config = _run_config(tiny_cohort, tmp_path / "run")
+    out = run_federated_training(_grid(in_process_grid, tiny_cohort, config, tamper=_poison_site_b), config)
+    assert [r["site_id"] for r in out["rejected_replies"]] == ["hospital_b"] * ROUNDS
+    assert all("non-finite" in r["reason"] for r in out["rejected_replies"])
+    assert len(out["validation_history"]) == ROUNDS and 0 <= out["test"]["auc"] <= 1
+    final = load_checkpoint(tmp_path / "run")
+    assert final["round"] == ROUNDS
+    assert all(np.isfinite(a.numpy()).all() for a in final["arrays"].values())
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "run_config.json").read_text())
+    assert RunConfig.from_mapping(saved) == RunConfig.from_mapping(config)
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_cohort, tmp_path, in_process_grid):
+    # FedAdam's moments, the sites' own norm parameters and central DP's noise must all resume exactly.
+    options = dict(strategy="fedadam", local_norm=True, central_dp_noise=0.05)
+    straight = _run_config(tiny_cohort, tmp_path / "straight", **options)
+    run_federated_training(_grid(in_process_grid, tiny_cohort, straight), straight)
+
+    interrupted = _run_config(tiny_cohort, tmp_path / "resumed", **options)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_federated_training(CrashAfter(_grid(in_process_grid, tiny_cohort, interrupted), 2), interrupted)
+    assert load_checkpoint(tmp_path / "resumed")["round"] == 1
+    with pytest.raises(ConfigError, match=r"changed keys \['learning-rate'\]"):
+        run_federated_training(_grid(in_process_grid, tiny_cohort, interrupted),
+                               {**interrupted, "resume": True, "learning-rate": 0.5})
+    resumed = {**interrupted, "resume": True}
+    out = run_federated_training(_grid(in_process_grid, tiny_cohort, resumed), resumed)
+    assert out["resumed_after_round"] == 1
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a["round"] == b["round"] == ROUNDS
+    for key in a["arrays"]:
+        np.testing.assert_array_equal(a["arrays"][key].numpy(), b["arrays"][key].numpy(), err_msg=key)
+    assert set(a["strategy_state"]) == {"m_t", "v_t"}
+    a_out = json.loads((tmp_path / "straight" / "federated.json").read_text())
+    assert a_out["validation_history"] == out["validation_history"]
+    assert a_out["selected_round"] == out["selected_round"]
