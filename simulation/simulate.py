@@ -21,7 +21,6 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from client.evaluation import clinical_summary, evaluation_summary
 from client.prepare import PreparedSite, prepare_site
@@ -46,33 +45,33 @@ class SimulationSettings:
     data_dir: Path = REPO_ROOT / "data" / "synthetic"
     runs_dir: Path = REPO_ROOT / "runs"
     cache_dir: Path = REPO_ROOT / ".cache" / "prepared"
-    seed: int = 0
-    rounds: int = 30
-    local_epochs: int = 1
-    learning_rate: float = 0.002
-    batch_size: int = 16
-    encoder_width: int = 12
+    seed: int = RunConfig.seed
+    rounds: int = RunConfig.num_server_rounds
+    local_epochs: int = RunConfig.local_epochs
+    learning_rate: float = RunConfig.learning_rate
+    batch_size: int = RunConfig.batch_size
+    encoder_width: int = RunConfig.encoder_width
     sites: tuple[SiteProfile, ...] = DEFAULT_SITES
     run_id: str | None = None
     workers: int | None = None
     baselines: bool = True
-    # Model and federation options (defaults: the demo's CNN with FedAvg); see common.config.RunConfig.
-    encoder: str = "cnn"
-    vit_patch_size: int = 8
-    vit_depth: int = 4
-    vit_heads: int = 4
-    augment: str = "flip-shift"
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    local_norm: bool = False
-    dp_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    central_dp_noise: float = 0.0
-    central_dp_clipping_norm: float = 1.0
-    secagg: bool = False
-    resume: bool = False
+    # Model and federation options take RunConfig's defaults, so the two never drift apart.
+    encoder: str = RunConfig.encoder
+    vit_patch_size: int = RunConfig.vit_patch_size
+    vit_depth: int = RunConfig.vit_depth
+    vit_heads: int = RunConfig.vit_heads
+    augment: str = RunConfig.augment
+    strategy: str = RunConfig.strategy
+    proximal_mu: float = RunConfig.proximal_mu
+    server_learning_rate: float = RunConfig.server_learning_rate
+    local_norm: bool = RunConfig.local_norm
+    dp_epsilon: float = RunConfig.dp_epsilon
+    dp_delta: float = RunConfig.dp_delta
+    dp_max_grad_norm: float = RunConfig.dp_max_grad_norm
+    central_dp_noise: float = RunConfig.central_dp_noise
+    central_dp_clipping_norm: float = RunConfig.central_dp_clipping_norm
+    secagg: bool = RunConfig.secagg
+    resume: bool = RunConfig.resume
 
 
 def _say(message: str) -> None:

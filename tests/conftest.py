@@ -8,12 +8,13 @@ never touch the repository's data/ or .cache/.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
-from common.config import load_site_config, site_config_to_yaml
+from common.config import SiteConfig, load_site_config, site_config_to_yaml
 from simulation.cohort import DEFAULT_SITES, synthesize_cohort
 
 TINY_SIZES = {"hospital_a": 14, "hospital_b": 11, "hospital_c": 9}
@@ -46,6 +47,18 @@ def tiny_cohort(tmp_path_factory):
     profiles = tiny_profiles()
     synthesize_cohort(data_dir, seed=7, sites=profiles, fov_mm=TINY_FOV_MM, workers=1, progress=False)
     return data_dir, write_site_yamls(data_dir, root / "cache", root / "sites", profiles)
+
+
+def private_site_copy(site_yaml: Path, tmp_path: Path) -> SiteConfig:
+    """A private copy of one tiny site (data and YAML) that a test may damage; its cache in tmp_path."""
+    config = load_site_config(site_yaml)
+    root = tmp_path / "data" / config.site_id
+    shutil.copytree(config.data_root, root)
+    config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
+                                 cache_dir=tmp_path / "cache")
+    path = tmp_path / "site.yaml"
+    path.write_text(site_config_to_yaml(config))
+    return load_site_config(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 import hashlib
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -7,21 +6,13 @@ import pytest
 
 from client.manifest import ManifestError, read_manifest
 from client.prepare import prepare_site
-from common.config import load_site_config, site_config_to_yaml
-import dataclasses
+from common.config import load_site_config
+from conftest import private_site_copy
 
 
 def _copy_site(tiny_cohort, tmp_path, index=1):
     """A private copy of one tiny site (data and YAML) that a test may damage."""
-    data_dir, yamls = tiny_cohort
-    config = load_site_config(yamls[index])
-    root = tmp_path / config.site_id
-    shutil.copytree(config.data_root, root)
-    config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
-                                 cache_dir=tmp_path / "cache")
-    path = tmp_path / "site.yaml"
-    path.write_text(site_config_to_yaml(config))
-    return load_site_config(path)
+    return private_site_copy(tiny_cohort[1][index], tmp_path)
 
 
 def _edit(config, change):

@@ -4,7 +4,6 @@ the data folder is untouched, and a fixed patient is re-prepared alone."""
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ import SimpleITK as sitk
 import client.prepare as prepare_module
 from client.prepare import PreparationError, prepare_site
 from client.qc import QCIssue, QCReport, read_qc_report
-from common.config import ConfigError, load_site_config, site_config_to_yaml
+from common.config import ConfigError, load_site_config
+from conftest import private_site_copy
 from simulation.dicom_export import write_dicom_series
 
 
@@ -26,14 +26,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _copy_site(tiny_cohort, tmp_path, index=0):
-    config = load_site_config(tiny_cohort[1][index])
-    root = tmp_path / "data" / config.site_id
-    shutil.copytree(config.data_root, root)
-    config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
-                                 cache_dir=tmp_path / "cache")
-    path = tmp_path / "site.yaml"
-    path.write_text(site_config_to_yaml(config))
-    return load_site_config(path)
+    """A private copy of one tiny site (data and YAML) that a test may damage."""
+    return private_site_copy(tiny_cohort[1][index], tmp_path)
 
 
 def _inject_faults(config) -> dict[str, str]:
