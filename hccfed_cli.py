@@ -3,6 +3,7 @@
     hccfed synth     [--out DIR] [--seed N] [--dicom] write the synthetic hospitals (NIfTI or DICOM)
     hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached, QC report)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
+                     [--external SITE]               ... leave SITE out of training and test on all of it
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled P.json]
                                                      a hospital's aggregate-only evaluation summary
     hccfed pool-summaries site1.json site2.json ... --out report_dir
@@ -65,7 +66,7 @@ def _simulate(args: argparse.Namespace) -> int:
         proximal_mu=args.proximal_mu, server_learning_rate=args.server_learning_rate, local_norm=args.local_norm,
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
         central_dp_noise=args.central_dp_noise, central_dp_clipping_norm=args.central_dp_clipping_norm,
-        secagg=args.secagg, resume=args.resume,
+        secagg=args.secagg, resume=args.resume, external=args.external,
     )
     if args.resume and not args.run_id:
         raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--run-id", default=None)
     simulate.add_argument("--workers", type=int, default=None)
     simulate.add_argument("--no-baselines", action="store_true", help="federated model only")
+    simulate.add_argument("--external", default=None, metavar="SITE",
+                          help="external validation: train on the other hospitals, test on every patient of SITE")
     model = simulate.add_argument_group("model")
     model.add_argument("--encoder", choices=("cnn", "resnet10", "vit", "none"), default="cnn",
                        help="image encoder (default cnn; --encoder-width is the ViT's token width)")

@@ -57,11 +57,15 @@ def split_indices(site: PreparedSite, seed: int, fractions=DEFAULT_FRACTIONS) ->
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
+#: Every patient of a site: what an external (held-out) hospital tests a model on.
+ALL = "all"
+
+
 def site_split(site: PreparedSite, split: str, seed: int) -> SplitData:
-    """One split of one site."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    idx = split_indices(site, seed)[split]
+    """One split of one site, or all its patients with ``split="all"``."""
+    if split not in (*SPLITS, ALL):
+        raise ValueError(f"split must be one of {(*SPLITS, ALL)}, got {split!r}")
+    idx = np.arange(len(site.patient_ids)) if split == ALL else split_indices(site, seed)[split]
     return SplitData(
         images=torch.from_numpy(site.images[idx].astype(np.float32)),
         clinical=torch.from_numpy(site.clinical[idx]),

@@ -52,12 +52,16 @@ def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
 
 def _per_site_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     federated = metrics["models"].get("federated", {})
+    external = metrics.get("evaluation", {}).get("kind") == "external"
+    blocks = [("all patients (external)" if external else "test split", federated.get("test_per_site", {})),
+              ("test split (training hospital)", federated.get("internal_test", {}).get("test_per_site", {}))]
     rows = []
-    for site, figures in federated.get("test_per_site", {}).items():
-        rows.append({"site": site, "test AUC (95% CI)": _auc_with_ci(figures),
-                     "C-index": fmt(figures.get("c_index")),
-                     "patients (train/val/test)": "/".join(str(metrics["sites"].get(site, {}).get(s, "-"))
-                                                           for s in ("train", "val", "test"))})
+    for tested_on, per_site in blocks:
+        for site, figures in per_site.items():
+            rows.append({"site": site, "tested on": tested_on, "test AUC (95% CI)": _auc_with_ci(figures),
+                         "C-index": fmt(figures.get("c_index")),
+                         "patients (train/val/test)": "/".join(str(metrics["sites"].get(site, {}).get(s, "-"))
+                                                               for s in ("train", "val", "test"))})
     return rows
 
 
@@ -70,8 +74,8 @@ NOTES = (
     "AUC: early recurrence (within 24 months) from the recurrence head, 95% CI by DeLong; "
     "patients censored before 24 months without recurrence have no label and are excluded from the AUC. "
     "C-index: Harrell's, from the Cox risk head, all test patients. "
-    "All figures are computed from per-site histograms of the test predictions (the federated path), "
-    "pooled over every hospital's test split; no per-patient row reaches the server."
+    "All figures are computed from per-site histograms of the test predictions (the federated path); "
+    "no per-patient row reaches the server."
 )
 
 
@@ -104,14 +108,45 @@ def _definition_list(mapping: dict[str, Any]) -> str:
     return f"<table>{rows}</table>"
 
 
+def _privacy_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """Per site: what it sent each round and the differential-privacy budget it spent."""
+    privacy = metrics.get("privacy") or {}
+    dp = privacy.get("dp_sgd")
+    central = privacy.get("central_dp")
+    rows = []
+    for site, entry in privacy.get("sites", {}).items():
+        spent = entry.get("dp_sgd_epsilon_spent")
+        rows.append({
+            "site": site,
+            "sent per round (MB)": fmt(entry.get("bytes_sent_per_round", 0) / 1e6, 3),
+            "DP-SGD epsilon spent (target)": (f"{fmt(spent, 2)} ({fmt(dp['target_epsilon'], 2)}), delta {dp['delta']:g}"
+                                              if dp else "off"),
+            "central DP": (f"noise {central['noise_multiplier']:g}, clip {central['clipping_norm']:g}"
+                           if central else "off"),
+            "secure aggregation": privacy.get("secure_aggregation") or "off",
+        })
+    return rows
+
+
+PRIVACY_NOTE = (
+    "What left each hospital: model weights in each training round, and at evaluation fixed-size histograms of "
+    "its test predictions (the same size for 10 or 10,000 patients). Epsilon is the DP-SGD budget each site's "
+    "accountant reported in its last round (RDP accountant, Opacus); a site stops training when it is spent. "
+    "The evaluation histograms are exact counts unless stated otherwise."
+)
+
+
 def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
     """Write report.md and report.html into ``run_dir``; returns the HTML path."""
     rows = model_rows(metrics)
     site_rows = _per_site_rows(metrics)
     history = _history_line(metrics)
     clinical_md, clinical_html = clinical_report.sections(_model_figures(metrics), metrics.get("paired_delong"))
-    md = ["## Models on the same test patients", "", markdown_table(rows), "", NOTES, ""]
-    parts = ["<h2>Models on the same test patients</h2>", html_table(rows), f"<p class='note'>{html.escape(NOTES)}</p>"]
+    evaluation = metrics.get("evaluation", {}).get("description")
+    tested_on = [f"Tested on {evaluation}."] if evaluation else []
+    md = ["## Models on the same test patients", "", *tested_on, "", markdown_table(rows), "", NOTES, ""]
+    parts = ["<h2>Models on the same test patients</h2>", *[f"<p><b>{html.escape(t)}</b></p>" for t in tested_on],
+             html_table(rows), f"<p class='note'>{html.escape(NOTES)}</p>"]
     if site_rows:
         md += ["## Federated model per hospital", "", markdown_table(site_rows), ""]
         parts += ["<h2>Federated model per hospital</h2>", html_table(site_rows)]
@@ -120,6 +155,11 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
         parts += ["<h2>Federated validation AUC by round</h2>", f"<p>{html.escape(history)}</p>"]
     md += clinical_md
     parts += clinical_html
+    privacy_rows = _privacy_rows(metrics)
+    if privacy_rows:
+        md += ["## Privacy: what each hospital sent and spent", "", markdown_table(privacy_rows), "", PRIVACY_NOTE, ""]
+        parts += ["<h2>Privacy: what each hospital sent and spent</h2>", html_table(privacy_rows),
+                  f"<p class='note'>{html.escape(PRIVACY_NOTE)}</p>"]
     run_config = metrics.get("models", {}).get("federated", {}).get("run_config")
     if run_config:
         parts += ["<h2>Run configuration</h2>", _definition_list(run_config)]

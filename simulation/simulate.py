@@ -11,6 +11,7 @@ says how close to the best possible they come. Only this module reads the oracle
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -24,10 +25,13 @@ import torch
 
 from client.evaluation import clinical_summary, evaluation_summary
 from client.prepare import PreparedSite, prepare_site
-from client.site_data import pooled_split, site_split
+from client.federated import model_for
+from client.site_data import ALL, SplitData, pooled_split, site_split
 from client.training import TrainSettings, predict, train_local
 from common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
 from common.models.fusion import model_from_run_config
+from common.metrics.federated_delong import delong_paired_from_sums, placement_sums, pool_placement_sums
+from common.metrics.summaries import SummaryGrid, site_summary
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
 from server.audit import read_audit, train_bytes_per_site
 from server.federated_eval import pooled_clinical_figures, pooled_figures
@@ -72,6 +76,8 @@ class SimulationSettings:
     central_dp_clipping_norm: float = RunConfig.central_dp_clipping_norm
     secagg: bool = RunConfig.secagg
     resume: bool = RunConfig.resume
+    # External validation: train on the other hospitals, test on every patient of this one.
+    external: str | None = None
 
 
 def _say(message: str) -> None:
@@ -108,18 +114,98 @@ def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[
     return paths
 
 
-def evaluate_on_test(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
-    """Pooled and per-site test figures through the same histogram path as a federated run."""
+EvaluationSets = list[tuple[str, SplitData]]
+
+
+def evaluation_sets(sites: list[PreparedSite], seed: int, external: str | None = None) -> EvaluationSets:
+    """The patients every model is tested on: each hospital's test split (internal validation), or
+    every patient of the held-out hospital ``external`` (external validation, leave-one-site-out)."""
+    if external is None:
+        return [(site.site_id, site_split(site, "test", seed)) for site in sites]
+    held = [site for site in sites if site.site_id == external]
+    if not held:
+        raise ValueError(f"--external {external!r}: no such site (sites: {', '.join(s.site_id for s in sites)})")
+    return [(external, site_split(held[0], ALL, seed))]
+
+
+class TestPredictions:
+    """Every model's test scores, kept where they were computed (each test site's side).
+
+    They never enter metrics.json; they are the sites' input to round 2 of the
+    paired DeLong test (:func:`paired_delong_tests`).
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.scores: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, model: str, site_id: str, data: SplitData, scores: np.ndarray) -> None:
+        self.rows.setdefault(site_id, (data.labels.numpy(), data.times.numpy(), data.events.numpy()))
+        self.scores.setdefault(site_id, {})[model] = np.asarray(scores, dtype=float)
+
+    def models(self) -> list[str]:
+        """The models every site has scores of."""
+        sets = [set(s) for s in self.scores.values()]
+        return sorted(set.intersection(*sets)) if sets else []
+
+
+def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Pooled and per-site figures from (site, data, logits, log-risks), through the sites' histograms."""
     summaries, clinical = {}, []
-    for site in sites:
-        data = site_split(site, "test", seed)
-        logits, risks = predict(model, data)
-        rows = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
-        summaries[site.site_id] = evaluation_summary(*rows)
-        clinical.append(clinical_summary(*rows))
+    for site_id, data, logits, risks in rows:
+        values = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
+        summaries[site_id] = evaluation_summary(*values)
+        clinical.append(clinical_summary(*values))
     return {"test": pooled_figures(list(summaries.values())),
             "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
             "figures": pooled_clinical_figures(clinical)}
+
+
+def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | None = None,
+                     book: TestPredictions | None = None) -> dict[str, Any]:
+    """Test figures of ``model`` on ``sets`` through the same histogram path as a federated run;
+    its scores go into ``book`` (under ``name``) for the paired DeLong tests."""
+    rows = []
+    for site_id, data in sets:
+        logits, risks = predict(model, data)
+        rows.append((site_id, data, logits, risks))
+        if book is not None and name is not None:
+            book.add(name, site_id, data, logits)
+    return evaluate_scores(rows)
+
+
+def paired_delong_tests(book: TestPredictions, reference: str | None = "federated") -> dict[str, Any]:
+    """Paired DeLong tests between the models in ``book``, by the two-round summary protocol.
+
+    Round 1: each site's per-class histograms of every model's scores, pooled.
+    Round 2: each site's placement sums against the pooled histograms
+    (:func:`common.metrics.federated_delong.placement_sums`), pooled; the test
+    follows from those sums only. ``reference`` is compared with every other
+    model (all pairs when it is absent). Same format as `pool-summaries`.
+    """
+    models = book.models()
+    if len(models) < 2:
+        return {"status": "one model only: no paired test"}
+    grid = SummaryGrid()
+    pooled = {}
+    for m in models:
+        per_site = [site_summary(book.rows[s][0], book.scores[s][m], book.rows[s][1], book.rows[s][2], grid)
+                    for s in book.scores]
+        pooled[m] = {k: np.sum([p[k] for p in per_site], axis=0) for k in ("auc_pos", "auc_neg")}
+    answers = [placement_sums(book.rows[s][0], {m: book.scores[s][m] for m in models}, pooled, grid)
+               for s in book.scores]
+    total = pool_placement_sums(answers)
+    pairs = ([(reference, m) for m in models if m != reference] if reference in models
+             else list(itertools.combinations(models, 2)))
+    tests = []
+    for a, b in pairs:
+        try:
+            tests.append({"model_a": a, "model_b": b, **delong_paired_from_sums(total, a, b)})
+        except ValueError as err:
+            tests.append({"model_a": a, "model_b": b, "error": str(err)})
+    return {"status": "computed", "tests": tests}
 
 
 def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> float:
@@ -132,8 +218,9 @@ def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int
     return pooled_figures(summaries).get("auc", float("nan"))
 
 
-def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites: list[PreparedSite],
-                    run: RunConfig, encoder: str, echo: Callable[[str], None]) -> dict[str, Any]:
+def train_reference(name: str, sites_for_training: list[PreparedSite], sets: EvaluationSets,
+                    run: RunConfig, encoder: str, echo: Callable[[str], None],
+                    book: TestPredictions | None = None) -> dict[str, Any]:
     """Train one in-process reference model and test it.
 
     The same budget and rule as the federated model: ``rounds`` steps of
@@ -155,7 +242,7 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites
             best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    result = evaluate_on_test(model, all_sites, run.seed)
+    result = evaluate_on_test(model, sets, name, book)
     result["selected_round"] = best_step
     result["seconds"] = time.time() - started
     result["train_patients"] = len(data)
@@ -164,7 +251,9 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], all_sites
     return result
 
 
-def clinical_logistic_regression(sites: list[PreparedSite], seed: int) -> dict[str, Any]:
+def clinical_logistic_regression(sites: list[PreparedSite], sets: EvaluationSets, seed: int,
+                                 book: TestPredictions | None = None,
+                                 name: str = "clinical logistic regression (centralized)") -> dict[str, Any]:
     """The seeds' clinical model: logistic regression on the harmonized clinical vector, pooled.
 
     A reference that does not depend on any choice made for the neural models.
@@ -178,28 +267,25 @@ def clinical_logistic_regression(sites: list[PreparedSite], seed: int) -> dict[s
     known = train.labels.numpy() >= 0
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     model.fit(train.clinical.numpy()[known], train.labels.numpy()[known])
-    summaries = []
-    for site in sites:
-        data = site_split(site, "test", seed)
+    rows = []
+    for site_id, data in sets:
         score = model.decision_function(data.clinical.numpy())
-        summaries.append(evaluation_summary(score, score, data.labels.numpy(), data.times.numpy(),
-                                            data.events.numpy()))
-    return {"test": pooled_figures(summaries), "train_patients": int(known.sum())}
+        rows.append((site_id, data, score, score))
+        if book is not None:
+            book.add(name, site_id, data, score)
+    return {**evaluate_scores(rows), "train_patients": int(known.sum())}
 
 
-def oracle_figures(settings: SimulationSettings, sites: list[PreparedSite], seed: int) -> dict[str, Any]:
+def oracle_figures(settings: SimulationSettings, sets: EvaluationSets) -> dict[str, Any]:
     """The generator's true risk on the same test patients: the best any model can do."""
     oracle = pd.read_csv(oracle_path(settings.data_dir)).set_index(["site_id", "patient_id"])
-    summaries, clinical = [], []
-    for site in sites:
-        data = site_split(site, "test", seed)
-        rows = oracle.loc[[(site.site_id, pid) for pid in data.patient_ids]]
-        risk = np.clip(rows["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
-        values = (np.log(risk / (1 - risk)), rows["linear_predictor"].to_numpy(dtype=float),
-                  data.labels.numpy(), data.times.numpy(), data.events.numpy())
-        summaries.append(evaluation_summary(*values))
-        clinical.append(clinical_summary(*values))
-    return {"test": pooled_figures(summaries), "figures": pooled_clinical_figures(clinical)}
+    rows = []
+    for site_id, data in sets:
+        truth = oracle.loc[[(site_id, pid) for pid in data.patient_ids]]
+        risk = np.clip(truth["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
+        rows.append((site_id, data, np.log(risk / (1 - risk)), truth["linear_predictor"].to_numpy(dtype=float)))
+    figures = evaluate_scores(rows)
+    return {"test": figures["test"], "figures": figures["figures"]}
 
 
 def run_config_for(settings: SimulationSettings, site_paths: list[Path], run_dir: Path) -> RunConfig:
@@ -243,11 +329,52 @@ def dp_spent_per_site(audit_path: Path) -> dict[str, float]:
     return dict(sorted(spent.items()))
 
 
+def privacy_summary(run: RunConfig, federated: dict[str, Any]) -> dict[str, Any]:
+    """What each site spent and sent: the privacy section of the report."""
+    spent = federated.get("dp_epsilon_spent_per_site", {})
+    sites = {}
+    for site, sent in federated.get("bytes_sent_per_round", {}).items():
+        sites[site] = {"bytes_sent_per_round": sent,
+                       "dp_sgd_epsilon_spent": spent.get(site) if run.dp_epsilon > 0 else None}
+    return {"dp_sgd": {"target_epsilon": run.dp_epsilon, "delta": run.dp_delta,
+                       "max_grad_norm": run.dp_max_grad_norm} if run.dp_epsilon > 0 else None,
+            "central_dp": {"noise_multiplier": run.central_dp_noise, "clipping_norm": run.central_dp_clipping_norm}
+            if run.central_dp_noise > 0 else None,
+            "secure_aggregation": "SecAgg+" if run.secagg else None,
+            "evaluation_summaries": "exact counts (histograms of test predictions; no per-patient value)",
+            "sites": sites}
+
+
+def federated_model(run: RunConfig) -> torch.nn.Module:
+    """The federated run's selected global model (``global_model.pt``), as a site loads it."""
+    state = torch.load(Path(run.run_dir) / "global_model.pt", weights_only=True)
+    return model_for(run, state)
+
+
+def describe_evaluation(sets: EvaluationSets, external: str | None) -> dict[str, Any]:
+    n = sum(len(data) for _, data in sets)
+    if external is None:
+        return {"kind": "internal", "sites": [s for s, _ in sets], "patients": n,
+                "description": f"each hospital's held-back test split ({n} patients in all)"}
+    return {"kind": "external", "sites": [external], "patients": n,
+            "description": f"external validation: every patient of {external} ({n}), a hospital no model "
+                           f"was trained or tuned on (leave-one-site-out)"}
+
+
 def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable[[str], None] = _say) -> Path:
     """Run the whole job; returns the run folder (metrics.json, report.html, report.md)."""
     started = time.time()
     run_id = settings.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = (settings.runs_dir / run_id).resolve()
+    site_ids = [p.site_id for p in settings.sites]
+    if settings.external is not None:
+        if settings.external not in site_ids:
+            raise ValueError(f"--external {settings.external!r}: no such site (sites: {', '.join(site_ids)})")
+        if len(site_ids) < 3:
+            raise ValueError("--external needs at least 3 sites: 2 to federate, 1 to hold out")
+        if settings.local_norm:
+            raise ValueError("--external cannot be combined with --local-norm: the held-out hospital "
+                             "has no normalization parameters of its own")
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_cohort(settings, echo)
     site_paths = effective_site_configs(settings, run_dir)
@@ -257,43 +384,65 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         t0 = time.time()
         sites.append(prepare_site(config, workers=settings.workers))
         echo(f"prepared {config.site_id}: {len(sites[-1])} patients ({time.time() - t0:.1f} s)")
+    training = [(site, path) for site, path in zip(sites, site_paths) if site.site_id != settings.external]
+    train_sites = [site for site, _ in training]
+    sets = evaluation_sets(sites, settings.seed, settings.external)
+    evaluation = describe_evaluation(sets, settings.external)
+    if settings.external is not None:
+        echo(f"external validation: training on {', '.join(s.site_id for s in train_sites)}; "
+             f"testing on all {evaluation['patients']} patients of {settings.external}")
 
-    run = run_config_for(settings, site_paths, run_dir)
-    echo(f"federated training: {len(sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
+    run = run_config_for(settings, [path for _, path in training], run_dir)
+    echo(f"federated training: {len(train_sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
          f"strategy {run.strategy}{describe_privacy(run)} (Flower simulation)")
     t0 = time.time()
-    flwr_run(REPO_ROOT, run.to_flwr(), run_dir / ".flwr", num_supernodes=len(sites),
+    flwr_run(REPO_ROOT, run.to_flwr(), run_dir / ".flwr", num_supernodes=len(train_sites),
              log_path=run_dir / "flower.log", echo=lambda line: echo("  " + line.split(":", 1)[-1].strip()))
     federated = json.loads((run_dir / "federated" / "federated.json").read_text())
+    book = TestPredictions()
+    if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
+        internal = {k: federated[k] for k in ("test", "test_per_site", "figures") if k in federated}
+        tested = evaluate_on_test(federated_model(run), sets, "federated", book)
+        if settings.external is not None:
+            federated["internal_test"] = internal
+            federated.update(tested)
     echo(f"federated: test AUC {federated['test']['auc']:.3f}, C-index {federated['test']['c_index']:.3f} "
          f"({time.time() - t0:.0f} s)")
-    federated["bytes_sent_per_round"] = bytes_sent_per_round(run_dir / "federated" / "messages_audit.jsonl",
-                                                             run.num_server_rounds)
+    audit = run_dir / "federated" / "messages_audit.jsonl"
+    federated["bytes_sent_per_round"] = bytes_sent_per_round(audit, run.num_server_rounds)
     echo("bytes each site sends per round: " + ", ".join(
         f"{site} {n / 1e6:.3f} MB" for site, n in federated["bytes_sent_per_round"].items()))
     if run.dp_epsilon > 0:
-        federated["dp_epsilon_spent_per_site"] = dp_spent_per_site(run_dir / "federated" / "messages_audit.jsonl")
+        federated["dp_epsilon_spent_per_site"] = dp_spent_per_site(audit)
         echo(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
             f"{site} {eps:.2f}" for site, eps in federated["dp_epsilon_spent_per_site"].items()))
 
-    federated["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in sites)
+    federated["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in train_sites)
     models: dict[str, Any] = {"federated": federated}
     if settings.baselines:
-        models["centralized"] = train_reference("centralized", sites, sites, run, run.encoder, echo)
-        for site in sites:
-            models[f"local-only {site.site_id}"] = train_reference(f"local-only {site.site_id}", [site], sites,
-                                                                   run, run.encoder, echo)
-        models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sites,
-                                                                run, "none", echo)
-        models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, run.seed)
+        models["centralized"] = train_reference("centralized", train_sites, sets, run, run.encoder, echo, book)
+        for site in train_sites:
+            name = f"local-only {site.site_id}"
+            models[name] = train_reference(name, [site], sets, run, run.encoder, echo, book)
+        models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", train_sites, sets,
+                                                                run, "none", echo, book)
+        models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
+            train_sites, sets, run.seed, book)
+    paired = paired_delong_tests(book)
+    if run.local_norm and paired.get("status") == "computed":
+        paired["note"] = "the federated model is not in these tests: with local norms each site holds its own variant"
     metrics = {
         "run_id": run_id,
         "seconds": time.time() - started,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items() if k != "sites"},
-        "sites": {s.site_id: {"patients": len(s), **{split: int(len(site_split(s, split, run.seed)))
-                                                     for split in ("train", "val", "test")}} for s in sites},
-        "oracle": oracle_figures(settings, sites, run.seed),
+        "evaluation": evaluation,
+        "sites": {s.site_id: {"patients": len(s), "role": "external test" if s.site_id == settings.external
+                              else "training", **{split: int(len(site_split(s, split, run.seed)))
+                                                  for split in ("train", "val", "test")}} for s in sites},
+        "oracle": oracle_figures(settings, sets),
         "models": models,
+        "paired_delong": paired,
+        "privacy": privacy_summary(run, federated),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     report = write_report(metrics, run_dir)

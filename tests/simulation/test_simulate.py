@@ -9,13 +9,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from common.metrics.summaries import SummaryGrid
 from common.models.fusion import build_model
 from common.schema import IMAGE_CHANNELS, clinical_feature_names
 from client.evaluation import clinical_summary
 from server.audit import read_audit
-from simulation.simulate import SimulationSettings, simulate
+from client.site_data import SplitData
+from common.metrics.clinical import delong_paired_test
+from simulation.simulate import SimulationSettings, TestPredictions, paired_delong_tests, simulate
 
 ROUNDS = 2
 
@@ -31,7 +34,7 @@ def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_report_holds_every_model_with_real_figures(finished_run):
+def test_report_holds_every_model_with_real_figures(finished_run, tiny_site_profiles):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     models = metrics["models"]
     expected = {"federated", "centralized", "clinical-only (centralized)", "clinical logistic regression (centralized)",
@@ -55,6 +58,17 @@ def test_report_holds_every_model_with_real_figures(finished_run):
     for text in ("ROC curves", "Calibration", "Decision curves", "Kaplan-Meier: federated", "Hosmer-Lemeshow"):
         assert text in html, text
     assert html.count("src='data:image/png;base64,") >= 4
+    # the model comparison table: the federated model against every other, by the two-round DeLong test
+    paired = metrics["paired_delong"]
+    assert paired["status"] == "computed"
+    assert {t["model_b"] for t in paired["tests"]} == expected - {"federated"}
+    assert all(t["model_a"] == "federated" and 0.0 <= t["p_value"] <= 1.0 for t in paired["tests"])
+    # the in-process copy of the federated model scores as the sites did in the Flower run
+    assert abs(paired["tests"][0]["auc_a"] - models["federated"]["test"]["auc"]) < 1e-9
+    assert "Paired DeLong tests" in html
+    # what each site sent and spent, for the data-protection officer
+    assert set(metrics["privacy"]["sites"]) == {s.site_id for s in tiny_site_profiles}
+    assert "Privacy: what each hospital sent and spent" in html
 
 
 @pytest.mark.slow
@@ -101,3 +115,62 @@ def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tin
     ids = [line.split(",")[0] for p in tiny_cohort[0].glob("*/manifest.csv")
            for line in p.read_text().splitlines()[1:]]
     assert ids and not any(pid in text for pid in ids)
+
+
+def _split(labels, times) -> SplitData:
+    n = len(labels)
+    return SplitData(images=None, clinical=None, labels=torch.as_tensor(labels), times=torch.as_tensor(times),
+                     events=torch.ones(n, dtype=torch.int64), patient_ids=np.arange(n).astype(str),
+                     site_ids=np.full(n, "x"))
+
+
+def test_paired_delong_from_two_summary_rounds_equals_the_pooled_test():
+    rng = np.random.default_rng(3)
+    book, labels, scores = TestPredictions(), [], {"a": [], "b": [], "c": []}
+    for site, n in (("s1", 40), ("s2", 25), ("s3", 60)):
+        y = rng.integers(0, 2, n)
+        data = _split(y, rng.uniform(1, 40, n))
+        for model, signal in (("a", 1.0), ("b", 0.5), ("c", 0.0)):
+            s = np.round(signal * y + rng.normal(0, 1, n), 1)  # ties, within and across sites
+            book.add(model, site, data, s)
+            scores[model].append(s)
+        labels.append(y)
+    result = paired_delong_tests(book, reference="a")
+    assert result["status"] == "computed"
+    assert [(t["model_a"], t["model_b"]) for t in result["tests"]] == [("a", "b"), ("a", "c")]
+    y = np.concatenate(labels)
+    for test in result["tests"]:
+        pooled = delong_paired_test(y, np.concatenate(scores[test["model_a"]]), np.concatenate(scores[test["model_b"]]))
+        for key in ("auc_a", "auc_b", "z", "p_value"):
+            assert abs(test[key] - pooled[key]) < 1e-6, key
+    assert len(paired_delong_tests(book, reference=None)["tests"]) == 3  # no reference: every pair
+
+
+def test_external_site_must_exist(tmp_path):
+    settings = SimulationSettings(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", external="hospital_x")
+    with pytest.raises(ValueError, match="hospital_x.*no such site"):
+        simulate(settings, echo=lambda line: None)
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_external_validation_trains_without_the_held_out_site(tiny_cohort, tiny_site_profiles, tmp_path):
+    data_dir, _ = tiny_cohort
+    settings = SimulationSettings(data_dir=data_dir, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
+                                  seed=7, rounds=1, batch_size=4, encoder_width=4, sites=tiny_site_profiles,
+                                  run_id="external", workers=1, external="hospital_c")
+    run_dir = simulate(settings, echo=lambda line: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    held = metrics["sites"]["hospital_c"]
+    assert held["role"] == "external test" and metrics["evaluation"]["kind"] == "external"
+    for name, entry in metrics["models"].items():  # every model on every patient of the held-out hospital
+        assert entry["test"]["n_patients"] == held["patients"], name
+        assert set(entry["test_per_site"]) == {"hospital_c"}, name
+    assert "local-only hospital_c" not in metrics["models"]
+    assert metrics["oracle"]["test"]["n_patients"] == held["patients"]
+    federated = metrics["models"]["federated"]
+    assert set(federated["internal_test"]["test_per_site"]) == {"hospital_a", "hospital_b"}
+    # the held-out hospital took no part in the federation: no message came from it
+    audit = read_audit(run_dir / "federated" / "messages_audit.jsonl")
+    assert {e["site_id"] for e in audit if e.get("site_id")} == {"hospital_a", "hospital_b"}
+    assert "external validation: every patient of hospital_c" in (run_dir / "report.html").read_text()
