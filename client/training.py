@@ -2,7 +2,8 @@
 
 The loss is the class-weighted BCE of the early-recurrence head (patients with
 a known label) plus ``cox_weight`` times the Cox partial likelihood of the risk
-head (every patient), plus FedProx's proximal term when ``proximal_mu`` > 0.
+head (every patient; under DP-SGD the exponential proportional-hazards
+likelihood, which is per patient), plus FedProx's proximal term when ``proximal_mu`` > 0.
 Augmentation ("flip-shift": mirror flips and small shifts; "affine": MONAI-style
 small rotations, scaling, flips and shifts) is drawn from the seeded generator,
 so a run is reproducible on CPU. Mixed precision (bf16 autocast) is used on
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from client.site_data import SplitData
-from common.models.losses import cox_partial_likelihood, weighted_bce
+from common.models.losses import cox_partial_likelihood, exponential_hazards_nll, weighted_bce
 
 if TYPE_CHECKING:
     from client.privacy import PrivateTraining
@@ -151,9 +152,10 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     """Train ``model`` in place on ``data``; returns {"loss": mean last-epoch loss, "num-examples": n}.
 
     With ``privacy``, the model is trained with DP-SGD (Opacus, Poisson
-    sampling, per-sample clipping and noise); the Cox term is then left out
-    (it couples the patients of a batch, so per-sample clipping would not
-    bound one patient's influence) and FedProx's pull is applied after each
+    sampling, per-sample clipping and noise); the risk head then learns from
+    the exponential proportional-hazards likelihood instead of Cox's partial
+    likelihood (whose risk sets couple the patients of a batch, so per-sample
+    clipping would not bound one patient's influence) and FedProx's pull is applied after each
     step instead of through the loss. Returns also "dp-steps" then: every
     Poisson draw counts, an empty one too (it is skipped, not released),
     so the accounting never undercounts.
@@ -167,7 +169,7 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     global_params = ([p.detach().clone() for p in model.parameters() if p.requires_grad]
                      if settings.proximal_mu > 0 else [])
     pos_weight = positive_weight(data.labels)
-    cox_weight = settings.cox_weight if privacy is None else 0.0
+    survival_loss = cox_partial_likelihood if privacy is None else exponential_hazards_nll
     trained, batches = model, None
     if privacy is not None:
         trained, optimizer, batches = privacy.attach(model, optimizer, len(data), settings.batch_size, settings.seed)
@@ -186,8 +188,8 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
                 logits, log_risk = trained(images, clinical)
             logits, log_risk = logits.float(), log_risk.float()
             loss = weighted_bce(logits, data.labels[idx].to(device), pos_weight)
-            if cox_weight:
-                loss = loss + cox_weight * cox_partial_likelihood(
+            if settings.cox_weight:
+                loss = loss + settings.cox_weight * survival_loss(
                     log_risk, data.times[idx].to(device), data.events[idx].to(device))
             if global_params and privacy is None:
                 loss = loss + settings.proximal_mu / 2 * proximal_term(model, global_params)

@@ -1,4 +1,5 @@
-"""Losses for the two heads: class-weighted BCE and the Cox partial likelihood."""
+"""Losses for the two heads: class-weighted BCE, and the Cox partial likelihood (or, under
+DP-SGD, the per-patient exponential proportional-hazards likelihood) for the risk head."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float) 
         return logits.sum() * 0.0
     weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits[known], labels[known].to(logits.dtype), pos_weight=weight)
+
+
+def exponential_hazards_nll(log_risk: torch.Tensor, times: torch.Tensor, events: torch.Tensor,
+                            time_scale: float = 12.0) -> torch.Tensor:
+    """Negative log-likelihood of the exponential proportional-hazards model, averaged over patients.
+
+    Hazard of patient i: exp(log_risk_i) per ``time_scale`` months (the risk
+    head's bias is the log baseline hazard). Patient i contributes
+    exp(log_risk_i) * times_i / time_scale - events_i * log_risk_i, a term of
+    its own: unlike the Cox partial likelihood, whose risk sets tie the
+    patients of a batch together, this loss is a sum over patients, so DP-SGD's
+    per-sample clipping bounds each patient's influence. It is a proportional-
+    hazards model with a constant baseline hazard; higher log_risk = higher
+    hazard, as for the Cox head.
+    """
+    log_risk = torch.clamp(log_risk, max=30.0)
+    exposure = times.to(log_risk.dtype) / time_scale
+    return (torch.exp(log_risk) * exposure - events.to(log_risk.dtype) * log_risk).mean()

@@ -126,3 +126,24 @@ def test_privacy_budget_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="need epsilon > 0"):
         PrivacyBudget(**kwargs)
     assert math.isfinite(epsilon_spent(1.0, 0.1, 10, 1e-5))
+
+
+def test_dp_sgd_trains_the_risk_head_with_a_per_patient_survival_loss():
+    """Under DP-SGD the risk head still learns (the exponential PH loss replaces Cox's partial likelihood)."""
+    from common.metrics.discrimination import harrell_c_index
+
+    g = torch.Generator().manual_seed(3)
+    n = 96
+    clinical = torch.randn(n, 7, generator=g)
+    hazard = torch.exp(1.5 * clinical[:, 0])
+    times = (-torch.log(torch.rand(n, generator=g)) / hazard * 12).clamp(max=60)
+    events = (times < 60).long()
+    images = torch.zeros(n, 5, 8, 8, 8)
+    images[:, -1, 2:6, 2:6, 2:6] = 1.0
+    data = SplitData(images=images, clinical=clinical, labels=torch.full((n,), -1), times=times, events=events,
+                     patient_ids=np.arange(n).astype(str), site_ids=np.full(n, "a"))
+    model = build_model("none", 5, 7, seed=0)
+    _train(model, data, TrainSettings(batch_size=16, epochs=15, learning_rate=0.01, cox_weight=1.0),
+           PrivateTraining(0.3, 5.0))
+    _, log_risk = model.eval()(images, clinical)
+    assert harrell_c_index(times.numpy(), events.numpy(), log_risk.detach().numpy()) > 0.7

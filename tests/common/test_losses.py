@@ -57,3 +57,25 @@ def test_weighted_bce_ignores_unknown_labels():
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:2], labels[:2].float())
     assert float(weighted_bce(logits, labels, 1.0)) == pytest.approx(float(expected))
     assert float(weighted_bce(logits, torch.tensor([-1, -1, -1]), 1.0)) == 0.0
+
+
+def test_exponential_hazards_nll_is_a_per_patient_sum_with_the_closed_form_optimum():
+    from common.models.losses import exponential_hazards_nll
+
+    rng = np.random.default_rng(4)
+    times = torch.tensor(rng.exponential(20, 50))
+    events = torch.tensor(rng.integers(0, 2, 50))
+    risk = torch.randn(50, dtype=torch.float64)
+    # a mean of per-patient terms: the batch loss is the average of the one-patient losses (DP-SGD needs this)
+    singles = torch.stack([exponential_hazards_nll(risk[i:i + 1], times[i:i + 1], events[i:i + 1])
+                           for i in range(50)])
+    assert float(exponential_hazards_nll(risk, times, events)) == pytest.approx(float(singles.mean()), rel=1e-12)
+    # a common log-hazard is optimal at the exponential MLE, log(events / person-years): zero gradient there
+    mle = np.log(float(events.sum()) / float(times.sum() / 12.0))
+    for c0, sign in ((mle, 0), (mle - 0.5, -1), (mle + 0.5, 1)):
+        c = torch.tensor(c0, dtype=torch.float64, requires_grad=True)
+        exponential_hazards_nll(c.expand(50), times, events).backward()
+        assert (abs(float(c.grad)) < 1e-12) if sign == 0 else (np.sign(float(c.grad)) == sign)
+    # higher risk for earlier events lowers the loss
+    ordered = -torch.log(times) * events
+    assert exponential_hazards_nll(ordered, times, events) < exponential_hazards_nll(-ordered, times, events)
