@@ -67,6 +67,7 @@ def _simulate(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
         central_dp_noise=args.central_dp_noise, central_dp_clipping_norm=args.central_dp_clipping_norm,
         secagg=args.secagg, resume=args.resume, external=args.external,
+        compare_dp_epsilon=args.compare_dp,
     )
     if args.resume and not args.run_id:
         raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--central-dp-noise", type=float, default=0.0,
                          help="server-side central DP noise multiplier (0: off)")
     privacy.add_argument("--central-dp-clipping-norm", type=float, default=1.0)
+    privacy.add_argument("--compare-dp", type=float, default=8.0, metavar="EPSILON",
+                         help="also train the federated model with DP-SGD at this epsilon per site and report it "
+                              "beside the non-private one (default 8; 0: skip)")
     simulate.set_defaults(func=_simulate)
 
     site = sub.add_parser("site-summary", help="a hospital's aggregate-only evaluation summary of a predictions CSV")

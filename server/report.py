@@ -109,22 +109,22 @@ def _definition_list(mapping: dict[str, Any]) -> str:
 
 
 def _privacy_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
-    """Per site: what it sent each round and the differential-privacy budget it spent."""
-    privacy = metrics.get("privacy") or {}
-    dp = privacy.get("dp_sgd")
-    central = privacy.get("central_dp")
+    """Per federated model and site: what the site sent each round and the DP budget it spent."""
     rows = []
-    for site, entry in privacy.get("sites", {}).items():
-        spent = entry.get("dp_sgd_epsilon_spent")
-        rows.append({
-            "site": site,
-            "sent per round (MB)": fmt(entry.get("bytes_sent_per_round", 0) / 1e6, 3),
-            "DP-SGD epsilon spent (target)": (f"{fmt(spent, 2)} ({fmt(dp['target_epsilon'], 2)}), delta {dp['delta']:g}"
-                                              if dp else "off"),
-            "central DP": (f"noise {central['noise_multiplier']:g}, clip {central['clipping_norm']:g}"
-                           if central else "off"),
-            "secure aggregation": privacy.get("secure_aggregation") or "off",
-        })
+    for model, run in (metrics.get("privacy") or {}).get("runs", {}).items():
+        dp, central = run.get("dp_sgd"), run.get("central_dp")
+        for site, entry in run.get("sites", {}).items():
+            spent = entry.get("dp_sgd_epsilon_spent")
+            rows.append({
+                "model": model,
+                "site": site,
+                "sent per round (MB)": fmt(entry.get("bytes_sent_per_round", 0) / 1e6, 3),
+                "DP-SGD epsilon spent (target), delta": (
+                    f"{fmt(spent, 2)} ({fmt(dp['target_epsilon'], 2)}), {dp['delta']:g}" if dp else "off"),
+                "central DP": (f"noise {central['noise_multiplier']:g}, clip {central['clipping_norm']:g}"
+                               if central else "off"),
+                "secure aggregation": run.get("secure_aggregation") or "off",
+            })
     return rows
 
 

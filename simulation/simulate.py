@@ -78,6 +78,8 @@ class SimulationSettings:
     resume: bool = RunConfig.resume
     # External validation: train on the other hospitals, test on every patient of this one.
     external: str | None = None
+    # Also train the federated model under DP-SGD at this epsilon (per site; 0: skip), reported beside it.
+    compare_dp_epsilon: float = 8.0
 
 
 def _say(message: str) -> None:
@@ -220,7 +222,7 @@ def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int
 
 def train_reference(name: str, sites_for_training: list[PreparedSite], sets: EvaluationSets,
                     run: RunConfig, encoder: str, echo: Callable[[str], None],
-                    book: TestPredictions | None = None) -> dict[str, Any]:
+                    book: TestPredictions | None = None, clinical: bool = True) -> dict[str, Any]:
     """Train one in-process reference model and test it.
 
     The same budget and rule as the federated model: ``rounds`` steps of
@@ -229,7 +231,8 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], sets: Eva
     sites' own validation splits (all a hospital alone would have).
     """
     started = time.time()
-    model = model_from_run_config(replace(run, encoder=encoder), len(IMAGE_CHANNELS), len(clinical_feature_names()))
+    n_clinical = len(clinical_feature_names()) if clinical else 0  # 0: the image-only model ignores the labs
+    model = model_from_run_config(replace(run, encoder=encoder), len(IMAGE_CHANNELS), n_clinical)
     data = pooled_split(sites_for_training, "train", run.seed)
     torch.manual_seed(run.seed)
     best_auc, best_step, best_state = -np.inf, 0, None
@@ -329,20 +332,58 @@ def dp_spent_per_site(audit_path: Path) -> dict[str, float]:
     return dict(sorted(spent.items()))
 
 
-def privacy_summary(run: RunConfig, federated: dict[str, Any]) -> dict[str, Any]:
-    """What each site spent and sent: the privacy section of the report."""
-    spent = federated.get("dp_epsilon_spent_per_site", {})
-    sites = {}
-    for site, sent in federated.get("bytes_sent_per_round", {}).items():
-        sites[site] = {"bytes_sent_per_round": sent,
-                       "dp_sgd_epsilon_spent": spent.get(site) if run.dp_epsilon > 0 else None}
-    return {"dp_sgd": {"target_epsilon": run.dp_epsilon, "delta": run.dp_delta,
-                       "max_grad_norm": run.dp_max_grad_norm} if run.dp_epsilon > 0 else None,
+def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per federated model and site: what the site sent and the DP-SGD budget it spent (the report's
+    privacy table). Read from each run's saved config and the server's audit figures."""
+    runs = {}
+    for name, entry in models.items():
+        config = entry.get("run_config")
+        if config is None or "bytes_sent_per_round" not in entry:
+            continue
+        run = RunConfig.from_mapping(config)
+        spent = entry.get("dp_epsilon_spent_per_site", {})
+        runs[name] = {
+            "dp_sgd": {"target_epsilon": run.dp_epsilon, "delta": run.dp_delta, "max_grad_norm": run.dp_max_grad_norm}
+            if run.dp_epsilon > 0 else None,
             "central_dp": {"noise_multiplier": run.central_dp_noise, "clipping_norm": run.central_dp_clipping_norm}
             if run.central_dp_noise > 0 else None,
             "secure_aggregation": "SecAgg+" if run.secagg else None,
-            "evaluation_summaries": "exact counts (histograms of test predictions; no per-patient value)",
-            "sites": sites}
+            "sites": {site: {"bytes_sent_per_round": sent, "dp_sgd_epsilon_spent": spent.get(site)}
+                      for site, sent in entry["bytes_sent_per_round"].items()}}
+    return {"runs": runs,
+            "evaluation_summaries": "exact counts (histograms of test predictions; no per-patient value)"}
+
+
+def federated_run(run: RunConfig, name: str, train_sites: list[PreparedSite], sets: EvaluationSets,
+                  external: str | None, book: TestPredictions, echo: Callable[[str], None]) -> dict[str, Any]:
+    """One federated training through Flower on a local SuperLink, its figures on ``sets``, what each site
+    sent per round and (under DP-SGD) the epsilon each spent. Its scores go into ``book``."""
+    folder = Path(run.run_dir)
+    echo(f"{name}: {len(train_sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
+         f"strategy {run.strategy}{describe_privacy(run)} (Flower simulation)")
+    t0 = time.time()
+    flwr_run(REPO_ROOT, run.to_flwr(), folder.parent / f".flwr-{folder.name}", num_supernodes=len(train_sites),
+             log_path=folder.parent / f"flower-{folder.name}.log",
+             echo=lambda line: echo("  " + line.split(":", 1)[-1].strip()))
+    result = json.loads((folder / "federated.json").read_text())
+    if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
+        internal = {k: result[k] for k in ("test", "test_per_site", "figures") if k in result}
+        tested = evaluate_on_test(federated_model(run), sets, name, book)
+        if external is not None:
+            result["internal_test"] = internal
+            result.update(tested)
+    echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f} "
+         f"({time.time() - t0:.0f} s)")
+    audit = folder / "messages_audit.jsonl"
+    result["bytes_sent_per_round"] = bytes_sent_per_round(audit, run.num_server_rounds)
+    echo("bytes each site sends per round: " + ", ".join(
+        f"{site} {n / 1e6:.3f} MB" for site, n in result["bytes_sent_per_round"].items()))
+    if run.dp_epsilon > 0:
+        result["dp_epsilon_spent_per_site"] = dp_spent_per_site(audit)
+        echo(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
+            f"{site} {eps:.2f}" for site, eps in result["dp_epsilon_spent_per_site"].items()))
+    result["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in train_sites)
+    return result
 
 
 def federated_model(run: RunConfig) -> torch.nn.Module:
@@ -393,32 +434,14 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
              f"testing on all {evaluation['patients']} patients of {settings.external}")
 
     run = run_config_for(settings, [path for _, path in training], run_dir)
-    echo(f"federated training: {len(train_sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
-         f"strategy {run.strategy}{describe_privacy(run)} (Flower simulation)")
-    t0 = time.time()
-    flwr_run(REPO_ROOT, run.to_flwr(), run_dir / ".flwr", num_supernodes=len(train_sites),
-             log_path=run_dir / "flower.log", echo=lambda line: echo("  " + line.split(":", 1)[-1].strip()))
-    federated = json.loads((run_dir / "federated" / "federated.json").read_text())
     book = TestPredictions()
-    if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
-        internal = {k: federated[k] for k in ("test", "test_per_site", "figures") if k in federated}
-        tested = evaluate_on_test(federated_model(run), sets, "federated", book)
-        if settings.external is not None:
-            federated["internal_test"] = internal
-            federated.update(tested)
-    echo(f"federated: test AUC {federated['test']['auc']:.3f}, C-index {federated['test']['c_index']:.3f} "
-         f"({time.time() - t0:.0f} s)")
-    audit = run_dir / "federated" / "messages_audit.jsonl"
-    federated["bytes_sent_per_round"] = bytes_sent_per_round(audit, run.num_server_rounds)
-    echo("bytes each site sends per round: " + ", ".join(
-        f"{site} {n / 1e6:.3f} MB" for site, n in federated["bytes_sent_per_round"].items()))
-    if run.dp_epsilon > 0:
-        federated["dp_epsilon_spent_per_site"] = dp_spent_per_site(audit)
-        echo(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
-            f"{site} {eps:.2f}" for site, eps in federated["dp_epsilon_spent_per_site"].items()))
-
-    federated["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in train_sites)
+    federated = federated_run(run, "federated", train_sites, sets, settings.external, book, echo)
     models: dict[str, Any] = {"federated": federated}
+    if settings.compare_dp_epsilon > 0 and run.dp_epsilon == 0 and run.central_dp_noise == 0:
+        private = RunConfig.from_mapping(replace(run, dp_epsilon=settings.compare_dp_epsilon,
+                                                 run_dir=str(run_dir / "federated-dp")).to_flwr())
+        name = f"federated + DP-SGD (epsilon {settings.compare_dp_epsilon:g})"
+        models[name] = federated_run(private, name, train_sites, sets, settings.external, book, echo)
     if settings.baselines:
         models["centralized"] = train_reference("centralized", train_sites, sets, run, run.encoder, echo, book)
         for site in train_sites:
@@ -426,6 +449,9 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
             models[name] = train_reference(name, [site], sets, run, run.encoder, echo, book)
         models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", train_sites, sets,
                                                                 run, "none", echo, book)
+        if run.encoder != "none":
+            models["image-only (centralized)"] = train_reference("image-only (centralized)", train_sites, sets, run,
+                                                                 run.encoder, echo, book, clinical=False)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
             train_sites, sets, run.seed, book)
     paired = paired_delong_tests(book)
@@ -442,7 +468,7 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         "oracle": oracle_figures(settings, sets),
         "models": models,
         "paired_delong": paired,
-        "privacy": privacy_summary(run, federated),
+        "privacy": privacy_summary(models),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     report = write_report(metrics, run_dir)

@@ -37,7 +37,8 @@ def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
 def test_report_holds_every_model_with_real_figures(finished_run, tiny_site_profiles):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     models = metrics["models"]
-    expected = {"federated", "centralized", "clinical-only (centralized)", "clinical logistic regression (centralized)",
+    expected = {"federated", "federated + DP-SGD (epsilon 8)", "centralized", "clinical-only (centralized)",
+                "clinical logistic regression (centralized)", "image-only (centralized)",
                 "local-only hospital_a", "local-only hospital_b", "local-only hospital_c"}
     assert set(models) == expected
     n_test = models["federated"]["test"]["n_patients"]
@@ -67,7 +68,13 @@ def test_report_holds_every_model_with_real_figures(finished_run, tiny_site_prof
     assert abs(paired["tests"][0]["auc_a"] - models["federated"]["test"]["auc"]) < 1e-9
     assert "Paired DeLong tests" in html
     # what each site sent and spent, for the data-protection officer
-    assert set(metrics["privacy"]["sites"]) == {s.site_id for s in tiny_site_profiles}
+    private = "federated + DP-SGD (epsilon 8)"
+    assert set(metrics["privacy"]["runs"]) == {"federated", private}
+    for name in ("federated", private):
+        assert set(metrics["privacy"]["runs"][name]["sites"]) == {s.site_id for s in tiny_site_profiles}
+    spent = models[private]["dp_epsilon_spent_per_site"]
+    assert set(spent) == {s.site_id for s in tiny_site_profiles} and all(0 < e <= 8.0 + 1e-6 for e in spent.values())
+    assert metrics["privacy"]["runs"]["federated"]["dp_sgd"] is None
     assert "Privacy: what each hospital sent and spent" in html
 
 
@@ -158,7 +165,8 @@ def test_external_validation_trains_without_the_held_out_site(tiny_cohort, tiny_
     data_dir, _ = tiny_cohort
     settings = SimulationSettings(data_dir=data_dir, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
                                   seed=7, rounds=1, batch_size=4, encoder_width=4, sites=tiny_site_profiles,
-                                  run_id="external", workers=1, external="hospital_c")
+                                  run_id="external", workers=1, external="hospital_c",
+                                  compare_dp_epsilon=0.0)
     run_dir = simulate(settings, echo=lambda line: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     held = metrics["sites"]["hospital_c"]
