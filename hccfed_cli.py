@@ -8,6 +8,7 @@
                                                      a hospital's aggregate-only evaluation summary
     hccfed pool-summaries site1.json site2.json ... --out report_dir
                                                      pooled clinical figures (figures.json)
+    hccfed stats     [--harmonize] [--seed N] ...     CR / R / RCR by federated statistics over Flower
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _simulate(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
         central_dp_noise=args.central_dp_noise, central_dp_clipping_norm=args.central_dp_clipping_norm,
         secagg=args.secagg, resume=args.resume, external=args.external,
-        compare_dp_epsilon=args.compare_dp,
+        compare_dp_epsilon=args.compare_dp, classical=not args.no_classical,
     )
     if args.resume and not args.run_id:
         raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
@@ -90,6 +91,44 @@ def _pool_summaries(args: argparse.Namespace) -> int:
 
     out = write_pool_report(args.summaries, args.out)
     print(f"figures: {out}\nround-2 input for paired tests: {out.parent / 'pooled_histograms.json'}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from client.radiomics import extract_site
+    from common.config import load_site_config
+    from simulation.classical_models import flower_stats_run
+    from simulation.simulate import SimulationSettings, effective_site_configs, ensure_cohort
+
+    def say(message: str) -> None:
+        print(f"[hccfed {datetime.now():%H:%M:%S}] {message}", flush=True)
+
+    defaults = SimulationSettings()
+    settings = SimulationSettings(data_dir=Path(args.data_dir) if args.data_dir else defaults.data_dir,
+                                  runs_dir=Path(args.runs_dir) if args.runs_dir else defaults.runs_dir,
+                                  seed=args.seed, workers=args.workers)
+    run_dir = settings.runs_dir / (args.run_id or f"stats-{datetime.now():%Y%m%d-%H%M%S}")
+    ensure_cohort(settings, say)
+    yamls = effective_site_configs(settings, run_dir)
+    for path in yamls:  # each hospital's radiomics, once, with all cores (the sites then read their cache)
+        config = load_site_config(path)
+        table = extract_site(config, "fast", workers=args.workers, progress=True)
+        say(f"{config.site_id}: radiomics of {len(table.patient_ids)} patients ({len(table.names)} features, "
+            f"fast parameter file), cached in {config.cache_dir / 'radiomics'}")
+    say(f"federated statistics over Flower: CR / R / RCR on {len(yamls)} sites"
+        f"{', radiomics harmonised by ComBat' if args.harmonize else ''} (log: {run_dir / 'flower.log'})")
+    out = flower_stats_run(yamls, run_dir, seed=args.seed, harmonize=args.harmonize,
+                           echo=lambda line: say("  " + line.split(":", 1)[-1].strip()))
+    result = json.loads(out.read_text())
+    say(f"{result['requests']} statistics requests in {result['seconds']:.0f} s")
+    for name, model in result["models"].items():
+        test = model["test"]
+        say(f"{name}: test AUC {test['auc']:.3f} ({test['auc_ci_lower']:.3f}-{test['auc_ci_upper']:.3f}), "
+            f"C-index {test['c_index']:.3f}; {len(model['features'])} features")
+    print(f"results: {out}\nmessages audit: {out.parent / 'messages_audit.jsonl'}")
     return 0
 
 
@@ -122,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--run-id", default=None)
     simulate.add_argument("--workers", type=int, default=None)
     simulate.add_argument("--no-baselines", action="store_true", help="federated model only")
+    simulate.add_argument("--no-classical", action="store_true",
+                          help="skip the classical CR / R / RCR models (radiomics extraction)")
     simulate.add_argument("--external", default=None, metavar="SITE",
                           help="external validation: train on the other hospitals, test on every patient of SITE")
     model = simulate.add_argument_group("model")
@@ -166,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("summaries", nargs="+", help="site summary JSON files")
     pool.add_argument("--out", required=True, help="folder for figures.json and pooled_histograms.json")
     pool.set_defaults(func=_pool_summaries)
+
+    stats = sub.add_parser("stats", help="the classical CR / R / RCR models by federated statistics over Flower "
+                                         "on the synthetic hospitals")
+    stats.add_argument("--harmonize", action="store_true", help="harmonise the radiomics by federated ComBat first")
+    stats.add_argument("--seed", type=int, default=0, help="cohort and split seed (default 0)")
+    stats.add_argument("--data-dir", default=None, help="synthetic cohort folder (default: data/synthetic)")
+    stats.add_argument("--runs-dir", default=None, help="where runs/<id>/ goes (default: runs)")
+    stats.add_argument("--run-id", default=None)
+    stats.add_argument("--workers", type=int, default=None,
+                       help="processes for a missing cohort and the radiomics (default: all cores)")
+    stats.set_defaults(func=_stats)
     return parser
 
 

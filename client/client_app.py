@@ -7,10 +7,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.classical_site import cached_endpoint
 from client.evaluation import CLINICAL_PREFIX
-from client.federated import evaluate_round, site_id_of, train_round
+from client.federated import evaluate_round, site_config_path, site_id_of, train_round
 from client.secagg_client import is_secagg_message, secagg_app
 from common.config import RunConfig
+from common.record_codec import flatten, unflatten
 
 app = ClientApp()
 
@@ -42,4 +44,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id}),
                           **{name: ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
                              for name, arrays in records.items() if arrays}})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer one federated-statistics request (server/stats_messages.py) with aggregates only.
+
+    The site's rows (clinical vector + radiomics, train / test split) are built on the first request
+    and kept for the run (client/classical_site.py); the reply's arrays never have a patient axis.
+    """
+    run_config = RunConfig.from_mapping(context.run_config)
+    setup = msg.content["setup"]
+    endpoint = cached_endpoint(site_config_path(run_config, context.node_config), run_config.seed,
+                               int(setup["n-folds"]), str(setup["radiomics"]), f"{context.run_id}")
+    request = unflatten({k: v.numpy() for k, v in msg.content["arrays"].items()}, dict(msg.content["config"]))
+    arrays, config = flatten(endpoint.handle(request))
+    content = RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
+                          "config": ConfigRecord(config), "site": ConfigRecord({"site-id": endpoint.site.site_id})})
     return Message(content=content, reply_to=msg)

@@ -139,17 +139,23 @@ class StatsSite:
         ratings = np.stack([self._x(request, np.ones(len(self.labels), bool)), second], axis=1)
         return icc.icc_contribution(ratings, request.get("shift"))
 
+    def _combat_columns(self, request: dict) -> np.ndarray:
+        cols = request.get("columns")
+        return np.arange(self.features.shape[1]) if cols is None else np.asarray(cols, dtype=int)
+
     def _op_combat_location(self, request: dict) -> dict:
-        return combat.location_contribution(self.features, self.covariates, request["shift"])
+        return combat.location_contribution(self.features[:, self._combat_columns(request)], self.covariates,
+                                            request["shift"])
 
     def _op_combat_moments(self, request: dict) -> dict:
-        z = combat.standardise(self.features, self.covariates, request["fit"])
+        z = combat.standardise(self.features[:, self._combat_columns(request)], self.covariates, request["fit"])
         return {"n": np.array(float(len(z))), "sum_z": z.sum(axis=0), "sum_z2": (z ** 2).sum(axis=0)}
 
     def _op_combat_apply(self, request: dict) -> dict:
         params = request["site_params"][self.site_id]
-        self.features = combat.apply_combat(self.features, self.covariates, request["fit"],
-                                            params["gamma"], params["delta"])
+        cols = self._combat_columns(request)
+        self.features[:, cols] = combat.apply_combat(self.features[:, cols], self.covariates, request["fit"],
+                                                     params["gamma"], params["delta"])
         return {"applied": np.array(1.0)}
 
 

@@ -18,6 +18,7 @@ from common.schema import LABS, PHASES, image_column
 
 TREATMENTS = ("resection", "ablation", "transplant")
 NORMALISATIONS = ("zscore_ring", "zscore_box")
+JOBS = ("train", "stats", "stats-combat")
 
 
 class ConfigError(ValueError):
@@ -287,6 +288,9 @@ class RunConfig:
     secagg: bool = False
     # Continue an interrupted run from the last checkpoint under run-dir.
     resume: bool = False
+    # What the ServerApp runs: "train" (federated training), "stats" (the classical CR / R / RCR models
+    # by federated statistics) or "stats-combat" (the same, radiomics harmonised by federated ComBat first).
+    job: str = "train"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -317,7 +321,7 @@ class RunConfig:
     def check_training_choices(self) -> None:
         """Reject unknown encoder / strategy / augmentation names and out-of-range values."""
         choices = {"encoder": ("cnn", "resnet10", "vit", "none"), "strategy": ("fedavg", "fedprox", "fedadam"),
-                   "augment": ("flip-shift", "affine", "none")}
+                   "augment": ("flip-shift", "affine", "none"), "job": JOBS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"run config: '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -335,10 +339,15 @@ class RunConfig:
                               "(fraction-train 1) and no central DP: the server only sees the masked sum")
 
     def to_flwr(self) -> dict[str, Any]:
-        """The ``--run-config`` form (kebab-case keys, Flower-compatible values)."""
+        """The ``--run-config`` form (kebab-case keys, Flower-compatible values).
+
+        ``job`` is left out when it is "train", the default, so a training run's config reads as before.
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "job" and value == JOBS[0]:
+                continue
             out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
         return out
 

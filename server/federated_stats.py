@@ -207,17 +207,22 @@ def federated_icc(send: Send, columns=None, kind: str = "icc3", threshold: float
     return {"icc": values, "kept": np.flatnonzero(values > threshold)}
 
 
-def federated_combat(send: Send, tol: float = 1e-4) -> dict:
-    """Harmonise every site's features in place with ComBat (location / scale, empirical Bayes).
-
-    Returns the pooled fit (grand mean, covariate effects, SD) and each site's gamma*, delta*.
-    """
-    shift, _ = federated_mean_sd(send)
-    location = send({"op": "combat_location", "shift": shift})
+def estimate_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
+    """ComBat (location / scale, empirical Bayes) of the sites' features (``columns``: those only),
+    estimated from per-site sums: the pooled fit (grand mean, covariate effects, SD) and each site's
+    gamma*, delta*. Nothing is changed at the sites."""
+    shift, _ = federated_mean_sd(send, columns)
+    location = send({"op": "combat_location", "shift": shift, "columns": columns})
     fit = combat.fit_location([{k: v for k, v in r.items() if k != "site_id"} for r in location], shift)
     params = {}
-    for reply in send({"op": "combat_moments", "fit": fit}):
+    for reply in send({"op": "combat_moments", "fit": fit, "columns": columns}):
         gamma, delta = combat.empirical_bayes(float(reply["n"]), reply["sum_z"], reply["sum_z2"], tol)
         params[reply["site_id"]] = {"gamma": gamma, "delta": delta}
-    send({"op": "combat_apply", "fit": fit, "site_params": params})
     return {"fit": fit, "site_params": params}
+
+
+def federated_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
+    """Harmonise every site's features (``columns``: those only) in place with ComBat; returns the estimate."""
+    estimate = estimate_combat(send, columns, tol)
+    send({"op": "combat_apply", **estimate, "columns": columns})
+    return estimate

@@ -1,10 +1,15 @@
-"""The coordinator's Flower ServerApp: a thin handler around server.training_run."""
+"""The coordinator's Flower ServerApp: a thin dispatcher on the run config's ``job``.
+
+``train`` (default): server.training_run; ``stats`` / ``stats-combat``: server.stats_job.
+"""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.config import RunConfig
+from server.stats_job import run_federated_stats
 from server.training_run import run_federated_training
 
 app = ServerApp()
@@ -12,6 +17,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """The configured strategy over the sites (resuming from a checkpoint with ``resume``),
-    then a final federated evaluation on their test splits."""
-    run_federated_training(grid, dict(context.run_config))
+    """``train``: the configured strategy over the sites (resuming from a checkpoint with ``resume``),
+    then a final federated evaluation on their test splits. ``stats``: the classical models, federated."""
+    if RunConfig.from_mapping(context.run_config).job == "train":
+        run_federated_training(grid, dict(context.run_config))
+    else:
+        run_federated_stats(grid, dict(context.run_config))

@@ -1,6 +1,8 @@
 """`make bench`: throughput figures measured side by side in one run.
 
 - site preparation: patients per second with 1 worker and with all cores;
+- radiomics (pyradiomics, ``common/radiomics_params_fast.yaml``, the demo's; the full IBSI file adds
+  wavelet and LoG images and takes far longer per case): cases per second with 1 process and with all cores;
 - local training: seconds per sample per training step of the fusion model
   (CNN encoder, demo width) and of the clinical-only model;
 - DP-SGD: seconds per training step of the fusion model with and without
@@ -23,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.manifest import read_manifest
 from client.prepare import prepare_site
+from client.radiomics import extract_site
 from client.site_data import site_split
 from client.privacy import PrivateTraining
 from client.training import TrainSettings, train_local
@@ -63,6 +67,21 @@ def bench_preparation(work: Path, n_patients: int = 24) -> dict[str, float]:
         start = time.perf_counter()
         prepare_site(load_site_config(path), workers=workers, progress=False)
         out[f"prepare_cached_s_workers_{workers}"] = time.perf_counter() - start
+    return out
+
+
+def bench_radiomics(work: Path, n_patients: int = 24, params: str = "fast") -> dict[str, float]:
+    """Cases per second of radiomics extraction (cold cache) on the preparation bench's site."""
+    config = load_site_config(work / "site-1.yaml")
+    patients = [str(p) for p in read_manifest(config).patient_ids[:n_patients]]
+    out = {}
+    for workers in sorted({1, os.cpu_count() or 1}):
+        site = dataclasses.replace(config, cache_dir=work / f"radiomics-{workers}")
+        start = time.perf_counter()
+        table = extract_site(site, params, workers=workers, progress=False, patient_ids=patients)
+        if table.failed:
+            raise RuntimeError(f"radiomics bench: {next(iter(table.failed.values()))}")
+        out[f"radiomics_{params}_cases_per_s_workers_{workers}"] = len(patients) / (time.perf_counter() - start)
     return out
 
 
@@ -115,6 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results.update(bench_preparation(work))
+        results.update(bench_radiomics(work))
         results.update(bench_training(work))
         results.update(bench_dp_step(work))
     results.update(bench_pooling())

@@ -36,6 +36,7 @@ from common.schema import IMAGE_CHANNELS, clinical_feature_names
 from server.audit import read_audit, train_bytes_per_site
 from server.federated_eval import pooled_clinical_figures, pooled_figures
 from server.report import write_report
+from simulation.classical_models import classical_model_results
 from simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, oracle_path, synthesize_cohort
 from simulation.flower_runner import flwr_run
 
@@ -80,6 +81,8 @@ class SimulationSettings:
     external: str | None = None
     # Also train the federated model under DP-SGD at this epsilon (per site; 0: skip), reported beside it.
     compare_dp_epsilon: float = 8.0
+    # The seeds' classical models (CR / R / RCR) by federated statistics on radiomics and labs.
+    classical: bool = True
 
 
 def _say(message: str) -> None:
@@ -454,6 +457,18 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
                                                                  run.encoder, echo, book, clinical=False)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
             train_sites, sets, run.seed, book)
+    if settings.classical and settings.external is None:
+        t0 = time.time()
+        echo("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
+             "(each site extracts its radiomics once; cached)")
+        classical = classical_model_results(sites, run.seed, harmonize=True, site_configs=site_paths,
+                                            workers=settings.workers)
+        for name, result in classical.items():
+            echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}")
+        models.update(classical)
+        echo(f"classical models done ({time.time() - t0:.0f} s)")
+    elif settings.classical:
+        echo("classical models skipped under --external (their federated statistics use every site)")
     paired = paired_delong_tests(book)
     if run.local_norm and paired.get("status") == "computed":
         paired["note"] = "the federated model is not in these tests: with local norms each site holds its own variant"

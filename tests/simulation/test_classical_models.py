@@ -1,8 +1,11 @@
 """CR / R / RCR trained federated on three small synthetic sites: they find the signal and evaluate."""
 
 import numpy as np
+import pytest
 
-from simulation.classical_models import ClassicalSite, run_classical_models
+from client.site_data import split_indices
+from common.config import load_site_config
+from simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models, tabular_site
 
 
 def _sites(seed=0):
@@ -52,3 +55,42 @@ def test_icc_filter_drops_an_unreproducible_feature():
         s.second_reader[:, 3] = rng.normal(size=len(s.features))  # feature F0 (the strongest) is pure reader noise
     out = run_classical_models(sites, seed=0, n_folds=3)
     assert "arterial_tumour_original_firstorder_F0" not in out["R"]["model"].features
+
+
+def test_harmonize_removes_a_scanner_shift_keeps_the_callers_rows_and_the_signal():
+    sites = _sites(2)
+    for k, s in enumerate(sites):  # each site's scanner shifts and scales its radiomics
+        s.features[:, 3:] = s.features[:, 3:] * (1 + 0.5 * k) + 3.0 * k
+    before = [s.features.copy() for s in sites]
+    plain = run_classical_models(sites, seed=0, n_folds=3)
+    harmonized = run_classical_models(sites, seed=0, n_folds=3, harmonize=True)
+    assert all(np.array_equal(b, s.features) for b, s in zip(before, sites))
+    assert harmonized["R"]["sites"]["harmonized_columns"] == list(range(3, 19))
+    assert plain["R"]["sites"]["harmonized_columns"] == []
+    assert harmonized["CR"]["model"].features == plain["CR"]["model"].features  # clinical columns untouched
+    assert harmonized["RCR"]["figures"]["auc"]["auc"] > 0.6
+    assert plain["R"]["figures"]["auc"]["auc"] != harmonized["R"]["figures"]["auc"]["auc"]
+
+
+def test_sites_with_different_feature_lists_are_named():
+    sites = _sites()
+    sites[2].names = sites[2].names[:-1] + ["portal_ring_original_firstorder_Other"]
+    with pytest.raises(ValueError, match="site site2: its feature list differs from site site0's"):
+        run_classical_models(sites, seed=0, n_folds=3)
+
+
+@pytest.mark.slow  # radiomics of the tiny cohort's 34 patients (about 20 s on 2 cores)
+def test_classical_model_results_gives_the_report_rows(tiny_cohort):
+    _, yamls = tiny_cohort
+    prepared = [tabular_site(load_site_config(p)) for p in yamls]
+    rows = classical_model_results(prepared, seed=0, harmonize=True, site_configs=yamls, workers=2)
+    assert list(rows) == ["CR (federated)", "R (federated)", "RCR (federated)"]
+    splits = [split_indices(p, 0) for p in prepared]
+    n_train = sum(len(s["train"]) + len(s["val"]) for s in splits)
+    n_test = sum(len(s["test"]) for s in splits)
+    for name, row in rows.items():
+        assert {"auc", "auc_ci_lower", "auc_ci_upper", "c_index", "n_patients", "n_positive",
+                "n_negative"} <= set(row["test"]), name
+        assert row["train_patients"] == n_train and row["test"]["n_patients"] == n_test, name
+        assert row["harmonized"] and "auc" in row["figures"] and row["features"], name
+    assert rows["RCR (federated)"]["features"][0] == "R_score"

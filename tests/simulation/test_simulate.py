@@ -29,7 +29,8 @@ def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     settings = SimulationSettings(data_dir=data_dir, runs_dir=root / "runs", cache_dir=root / "cache",
                                   seed=7, rounds=ROUNDS, batch_size=4, encoder_width=4,
-                                  sites=tiny_site_profiles, run_id="tiny", workers=1)
+                                  sites=tiny_site_profiles, run_id="tiny", workers=1,
+                                  classical=False)  # CR / R / RCR: tests/simulation/test_classical_models.py
     return simulate(settings, echo=lambda line: None)
 
 
@@ -166,7 +167,7 @@ def test_external_validation_trains_without_the_held_out_site(tiny_cohort, tiny_
     settings = SimulationSettings(data_dir=data_dir, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
                                   seed=7, rounds=1, batch_size=4, encoder_width=4, sites=tiny_site_profiles,
                                   run_id="external", workers=1, external="hospital_c",
-                                  compare_dp_epsilon=0.0)
+                                  compare_dp_epsilon=0.0, classical=False)
     run_dir = simulate(settings, echo=lambda line: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     held = metrics["sites"]["hospital_c"]
