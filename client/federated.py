@@ -25,6 +25,7 @@ import torch
 from client.evaluation import CLINICAL_PREFIX, clinical_summary, evaluation_summary
 from client.prepare import PreparedSite, prepare_site
 from client.site_data import site_split
+from client.site_radiomics import attach_radiomics
 from client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
     steps_per_epoch
 from client.training import TrainSettings, detect_device, predict, train_local
@@ -54,8 +55,11 @@ def site_id_of(run_config: RunConfig, node_config: Mapping[str, Any]) -> str:
 
 
 def load_site(run_config: RunConfig, node_config: Mapping[str, Any]) -> PreparedSite:
-    """This node's prepared data (from the cache when `hccfed prepare` already ran)."""
-    return prepare_site(load_site_config(site_config_path(run_config, node_config)), progress=False)
+    """This node's prepared data (from the cache when `hccfed prepare` already ran), with the
+    radiomics the run's model takes (cached extraction, standardised at the site)."""
+    config = load_site_config(site_config_path(run_config, node_config))
+    site = prepare_site(config, progress=False)
+    return attach_radiomics(site, config, run_config.radiomics_features, run_config.radiomics_params)
 
 
 def round_seed(seed: int, server_round: int, site_id: str) -> int:

@@ -64,6 +64,8 @@ class PreparedSite:
     times: (n,) float64 months; events: (n,) int64.
     lab_categories: (n, n_labs) int64 Lower/Normal/Higher codes, for reporting.
     qc: the site's QC report (patients prepared, patients excluded and why); not an array.
+    radiomics: (n, n_radiomics) float32 standardised features for the fusion model, or None
+    (``client.site_radiomics.attach_radiomics``).
     """
 
     site_id: str
@@ -76,6 +78,7 @@ class PreparedSite:
     events: np.ndarray
     lab_categories: np.ndarray
     qc: QCReport | None = field(default=None, repr=False, compare=False)
+    radiomics: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.patient_ids)

@@ -32,6 +32,7 @@ class SplitData:
     events: torch.Tensor
     patient_ids: np.ndarray
     site_ids: np.ndarray
+    radiomics: torch.Tensor | None = None  # (n, R) float32 when the model takes radiomics
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -74,6 +75,7 @@ def site_split(site: PreparedSite, split: str, seed: int) -> SplitData:
         events=torch.from_numpy(site.events[idx]),
         patient_ids=site.patient_ids[idx],
         site_ids=np.full(len(idx), site.site_id),
+        radiomics=None if site.radiomics is None else torch.from_numpy(site.radiomics[idx].astype(np.float32)),
     )
 
 
@@ -88,4 +90,6 @@ def pooled_split(sites: list[PreparedSite], split: str, seed: int) -> SplitData:
         events=torch.cat([p.events for p in parts]),
         patient_ids=np.concatenate([p.patient_ids for p in parts]),
         site_ids=np.concatenate([p.site_ids for p in parts]),
+        radiomics=(None if any(p.radiomics is None for p in parts)
+                   else torch.cat([p.radiomics for p in parts])),
     )

@@ -184,8 +184,9 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
                 continue
             images = augment_batch(data.images[idx], generator, settings)
             images, clinical = images.to(device), data.clinical[idx].to(device)
+            radiomics = None if data.radiomics is None else data.radiomics[idx].to(device)
             with autocast_for(device, settings.mixed_precision and privacy is None):
-                logits, log_risk = trained(images, clinical)
+                logits, log_risk = trained(images, clinical, radiomics)
             logits, log_risk = logits.float(), log_risk.float()
             loss = weighted_bce(logits, data.labels[idx].to(device), pos_weight)
             if settings.cox_weight:
@@ -219,8 +220,9 @@ def predict(model: torch.nn.Module, data: SplitData, device: torch.device | None
     model.to(device).eval()
     logits, risks = [], []
     for start in range(0, len(data), batch_size):
-        logit, risk = model(data.images[start:start + batch_size].to(device),
-                            data.clinical[start:start + batch_size].to(device))
+        rows = slice(start, start + batch_size)
+        radiomics = None if data.radiomics is None else data.radiomics[rows].to(device)
+        logit, risk = model(data.images[rows].to(device), data.clinical[rows].to(device), radiomics)
         logits.append(logit.cpu().numpy())
         risks.append(risk.cpu().numpy())
     if not logits:

@@ -291,6 +291,11 @@ class RunConfig:
     # What the ServerApp runs: "train" (federated training), "stats" (the classical CR / R / RCR models
     # by federated statistics) or "stats-combat" (the same, radiomics harmonised by federated ComBat first).
     job: str = "train"
+    # Radiomics in the fusion model: comma-separated feature names (``<phase>_<region>_<feature>``,
+    # e.g. the ones the federated R model selected; empty: none), extracted at each site with
+    # ``radiomics-params`` ("fast", "full" or a path) and standardised against the site's own patients.
+    radiomics_features: tuple[str, ...] = ()
+    radiomics_params: str = "fast"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -301,7 +306,7 @@ class RunConfig:
         values: dict[str, Any] = {}
         for key, value in raw.items():
             f = known[key]
-            if f.name in ("site_configs", "dp_sites"):
+            if f.name in ("site_configs", "dp_sites", "radiomics_features"):
                 value = tuple(s.strip() for s in str(value).split(",") if s.strip())
             elif f.type in ("bool", bool):
                 value = _parse_bool(key, value)

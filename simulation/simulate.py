@@ -26,6 +26,7 @@ import torch
 from client.evaluation import clinical_summary, evaluation_summary
 from client.prepare import PreparedSite, prepare_site
 from client.federated import model_for
+from client.site_radiomics import attach_radiomics
 from client.site_data import ALL, SplitData, pooled_split, site_split
 from client.training import TrainSettings, predict, train_local
 from common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
@@ -225,7 +226,8 @@ def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int
 
 def train_reference(name: str, sites_for_training: list[PreparedSite], sets: EvaluationSets,
                     run: RunConfig, encoder: str, echo: Callable[[str], None],
-                    book: TestPredictions | None = None, clinical: bool = True) -> dict[str, Any]:
+                    book: TestPredictions | None = None, clinical: bool = True,
+                    radiomics: bool = True) -> dict[str, Any]:
     """Train one in-process reference model and test it.
 
     The same budget and rule as the federated model: ``rounds`` steps of
@@ -235,7 +237,9 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], sets: Eva
     """
     started = time.time()
     n_clinical = len(clinical_feature_names()) if clinical else 0  # 0: the image-only model ignores the labs
-    model = model_from_run_config(replace(run, encoder=encoder), len(IMAGE_CHANNELS), n_clinical)
+    features = run.radiomics_features if radiomics else ()
+    model = model_from_run_config(replace(run, encoder=encoder, radiomics_features=features),
+                                  len(IMAGE_CHANNELS), n_clinical)
     data = pooled_split(sites_for_training, "train", run.seed)
     torch.manual_seed(run.seed)
     best_auc, best_step, best_state = -np.inf, 0, None
@@ -294,15 +298,16 @@ def oracle_figures(settings: SimulationSettings, sets: EvaluationSets) -> dict[s
     return {"test": figures["test"], "figures": figures["figures"]}
 
 
-def run_config_for(settings: SimulationSettings, site_paths: list[Path], run_dir: Path) -> RunConfig:
-    """The federated run's RunConfig from the simulation settings."""
+def run_config_for(settings: SimulationSettings, site_paths: list[Path], run_dir: Path,
+                   radiomics_features: tuple[str, ...] = ()) -> RunConfig:
+    """The federated run's RunConfig from the simulation settings (and the radiomics the model takes)."""
     shared = {name: getattr(settings, name) for name in (
         "seed", "encoder", "encoder_width", "vit_patch_size", "vit_depth", "vit_heads", "augment", "strategy",
         "proximal_mu", "server_learning_rate", "local_norm", "dp_epsilon", "dp_delta", "dp_max_grad_norm",
         "central_dp_noise", "central_dp_clipping_norm", "secagg", "resume", "local_epochs", "learning_rate",
         "batch_size")}
     config = RunConfig(num_server_rounds=settings.rounds, site_configs=tuple(str(p) for p in site_paths),
-                       run_dir=str(run_dir / "federated"), **shared)
+                       run_dir=str(run_dir / "federated"), radiomics_features=tuple(radiomics_features), **shared)
     return RunConfig.from_mapping(config.to_flwr())  # the same checks as a Flower run
 
 
@@ -436,10 +441,35 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         echo(f"external validation: training on {', '.join(s.site_id for s in train_sites)}; "
              f"testing on all {evaluation['patients']} patients of {settings.external}")
 
-    run = run_config_for(settings, [path for _, path in training], run_dir)
+    models: dict[str, Any] = {}
+    radiomics: tuple[str, ...] = ()
+    if settings.classical:
+        # The seeds' classical models first: the federated R model's selection is the radiomics the
+        # fusion model takes (DLRCR). Under --external they are fitted on the training hospitals only.
+        t0 = time.time()
+        echo("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
+             "(each site extracts its radiomics once; cached)")
+        classical = classical_model_results(train_sites, settings.seed, harmonize=True,
+                                            site_configs=[path for _, path in training], workers=settings.workers)
+        radiomics = tuple(classical["R (federated)"]["features"])
+        for name, result in classical.items():
+            echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}"
+                 + (" (training hospitals' test splits; not reported)" if settings.external else ""))
+        if settings.external is None:
+            models.update(classical)
+        echo(f"classical models done ({time.time() - t0:.0f} s); the fusion model takes the R model's "
+             f"{len(radiomics)} radiomics features")
+    if radiomics:
+        sites = [attach_radiomics(site, load_site_config(path), radiomics, "fast", settings.workers)
+                 for site, path in zip(sites, site_paths)]
+        training = [(site, path) for site, path in zip(sites, site_paths) if site.site_id != settings.external]
+        train_sites = [site for site, _ in training]
+        sets = evaluation_sets(sites, settings.seed, settings.external)
+
+    run = run_config_for(settings, [path for _, path in training], run_dir, radiomics)
     book = TestPredictions()
-    federated = federated_run(run, "federated", train_sites, sets, settings.external, book, echo)
-    models: dict[str, Any] = {"federated": federated}
+    models = {"federated": federated_run(run, "federated", train_sites, sets, settings.external, book, echo),
+              **models}
     if settings.compare_dp_epsilon > 0 and run.dp_epsilon == 0 and run.central_dp_noise == 0:
         private = RunConfig.from_mapping(replace(run, dp_epsilon=settings.compare_dp_epsilon,
                                                  run_dir=str(run_dir / "federated-dp")).to_flwr())
@@ -451,24 +481,13 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
             name = f"local-only {site.site_id}"
             models[name] = train_reference(name, [site], sets, run, run.encoder, echo, book)
         models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", train_sites, sets,
-                                                                run, "none", echo, book)
+                                                                run, "none", echo, book, radiomics=False)
         if run.encoder != "none":
             models["image-only (centralized)"] = train_reference("image-only (centralized)", train_sites, sets, run,
-                                                                 run.encoder, echo, book, clinical=False)
+                                                                 run.encoder, echo, book, clinical=False,
+                                                                 radiomics=False)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
             train_sites, sets, run.seed, book)
-    if settings.classical and settings.external is None:
-        t0 = time.time()
-        echo("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
-             "(each site extracts its radiomics once; cached)")
-        classical = classical_model_results(sites, run.seed, harmonize=True, site_configs=site_paths,
-                                            workers=settings.workers)
-        for name, result in classical.items():
-            echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}")
-        models.update(classical)
-        echo(f"classical models done ({time.time() - t0:.0f} s)")
-    elif settings.classical:
-        echo("classical models skipped under --external (their federated statistics use every site)")
     paired = paired_delong_tests(book)
     if run.local_norm and paired.get("status") == "computed":
         paired["note"] = "the federated model is not in these tests: with local norms each site holds its own variant"

@@ -92,34 +92,36 @@ def tumour_kinetics(x: torch.Tensor) -> torch.Tensor:
 
 
 class FusionNet(nn.Module):
-    """Image encoder + clinical vector -> (early-recurrence logit, Cox log-risk).
+    """Image encoder + radiomics + clinical vector -> (early-recurrence logit, Cox log-risk).
 
     Image path: CNN embedding (+ tumour kinetics) -> LayerNorm -> dropout ->
-    Linear(image_dim). Clinical path: LayerNorm. Head: MLP with ``hidden``
-    units (0: linear) over their concatenation.
+    Linear(image_dim). Radiomics path (``n_radiomics`` > 0, the selected
+    handcrafted features as in DLRCR / RDC): LayerNorm. Clinical path:
+    LayerNorm. Head: MLP with ``hidden`` units (0: linear) over their concatenation.
 
     ``encoder="none"`` gives the clinical-only model through the same code path.
     ``width`` is the encoder's base width (CNN and ResNet-10 stage width, ViT
     token width); ``patch_size``, ``depth``, ``heads`` only apply to the ViT.
-    forward(images (B, C, D, H, W) float32, clinical (B, F) float32)
-    -> (logit (B,), log_risk (B,)).
+    forward(images (B, C, D, H, W) float32, clinical (B, F) float32, radiomics (B, R) float32
+    or None when ``n_radiomics`` is 0) -> (logit (B,), log_risk (B,)).
     """
 
     def __init__(self, in_channels: int, n_clinical: int, encoder: str = "cnn",
                  width: int = 12, image_dim: int = 8, hidden: int = 32, dropout: float = 0.2,
-                 kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4):
+                 kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4,
+                 n_radiomics: int = 0):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
-        if n_clinical < 0:
-            raise ValueError(f"n_clinical must be >= 0, got {n_clinical}")
+        if n_clinical < 0 or n_radiomics < 0:
+            raise ValueError(f"n_clinical and n_radiomics must be >= 0, got {n_clinical}, {n_radiomics}")
         if image_dim < 1 or hidden < 0 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"need image_dim >= 1, hidden >= 0, 0 <= dropout < 1; got {image_dim}, {hidden}, {dropout}")
         self.encoder_name = encoder
         self.encoder = _encoder(encoder, in_channels, width, patch_size, depth, heads)
         self.kinetics = kinetics and self.encoder is not None
-        if self.encoder is None and n_clinical == 0:
-            raise ValueError("the model needs an image encoder or clinical features")
+        if self.encoder is None and n_clinical == 0 and n_radiomics == 0:
+            raise ValueError("the model needs an image encoder, radiomics or clinical features")
         n_image = 0
         if self.encoder is not None:
             n_raw = self.encoder.out_features + (2 * (in_channels - 1) + 1 if self.kinetics else 0)
@@ -127,18 +129,26 @@ class FusionNet(nn.Module):
             # few dimensions, so a wide image embedding cannot drown the clinical vector.
             self.image_proj = nn.Sequential(nn.LayerNorm(n_raw), nn.Dropout(dropout), nn.Linear(n_raw, image_dim))
             n_image = image_dim
+        self.n_radiomics = n_radiomics
+        self.radiomics_norm = nn.LayerNorm(n_radiomics) if n_radiomics else None
         self.clinical_norm = nn.LayerNorm(n_clinical) if n_clinical else None
-        n_in = n_image + n_clinical
+        n_in = n_image + n_radiomics + n_clinical
         self.head = (nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
                      if hidden else nn.Linear(n_in, 2))
 
-    def forward(self, images: torch.Tensor, clinical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, clinical: torch.Tensor,
+                radiomics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
         if self.encoder is not None:
             image = self.encoder(images)
             if self.kinetics:
                 image = torch.cat([tumour_kinetics(images), image], dim=1)
             parts.append(self.image_proj(image))
+        if self.radiomics_norm is not None:
+            if radiomics is None or radiomics.shape[-1] != self.n_radiomics:
+                got = None if radiomics is None else tuple(radiomics.shape)
+                raise ValueError(f"the model takes {self.n_radiomics} radiomics features per patient, got {got}")
+            parts.append(self.radiomics_norm(radiomics))
         if self.clinical_norm is not None:
             parts.append(self.clinical_norm(clinical))
         out = self.head(torch.cat(parts, dim=1))
@@ -159,7 +169,7 @@ def build_model(encoder: str, in_channels: int, n_clinical: int, width: int = 12
                 **encoder_options: int) -> FusionNet:
     """A freshly initialised FusionNet; the same seed gives the same weights.
 
-    ``encoder_options``: ``patch_size``, ``depth``, ``heads`` for the ViT.
+    ``encoder_options``: ``patch_size``, ``depth``, ``heads`` for the ViT; ``n_radiomics``.
     The global torch generator is left as it was.
     """
     generator_state = torch.random.get_rng_state()
@@ -174,7 +184,8 @@ def build_model(encoder: str, in_channels: int, n_clinical: int, width: int = 12
 def model_from_run_config(config: "RunConfig", in_channels: int, n_clinical: int) -> FusionNet:
     """The run's FusionNet (encoder, width and ViT options from the run config), seeded by its seed."""
     return build_model(config.encoder, in_channels, n_clinical, width=config.encoder_width, seed=config.seed,
-                       patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads)
+                       patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads,
+                       n_radiomics=len(config.radiomics_features))
 
 
 def norm_parameter_names(model: nn.Module) -> list[str]:

@@ -103,3 +103,37 @@ def test_local_norm_parameters_stay_at_the_site(tiny_cohort, tmp_path):
     plain = _config(tiny_cohort, tmp_path, num_server_rounds=2)
     c, _ = train_round(averaged, {"server-round": 2, "run-token": "t"}, plain, {"partition-id": 0})
     assert any(not torch.equal(c[k], b[k]) for k in c)
+
+
+def test_the_fusion_model_takes_the_sites_standardised_radiomics(tiny_cohort):
+    from client.prepare import prepare_site
+    from client.radiomics import extract_site
+    from client.site_data import site_split
+    from client.site_radiomics import attach_radiomics
+    from common.config import load_site_config
+    from common.models.fusion import model_from_run_config
+
+    yaml = tiny_cohort[1][2]
+    config = load_site_config(yaml)
+    names = extract_site(config, "fast", workers=1, progress=False).names[:3]
+    site = attach_radiomics(prepare_site(config, progress=False), config, names)
+    assert site.radiomics.shape == (len(site), 3)
+    assert np.allclose(site.radiomics.mean(axis=0), 0, atol=1e-5)
+    assert np.allclose(site.radiomics.std(axis=0, ddof=1), 1, atol=1e-4)
+    assert site_split(site, "train", 0).radiomics.shape[1] == 3
+    with pytest.raises(ValueError, match="hospital_c.*not_a_feature"):
+        attach_radiomics(site, config, ["not_a_feature"])
+
+    run_config = RunConfig(num_server_rounds=1, batch_size=4, encoder_width=4, radiomics_features=tuple(names),
+                           site_configs=tuple(str(p) for p in tiny_cohort[1])).to_flwr()
+    assert RunConfig.from_mapping(run_config).radiomics_features == tuple(names)
+    model = model_from_run_config(RunConfig.from_mapping(run_config), len(IMAGE_CHANNELS),
+                                  len(clinical_feature_names()))
+    state = model.state_dict()
+    new, metrics = train_round(state, {"server-round": 1}, run_config, {"partition-id": 2})
+    assert not torch.equal(new["radiomics_norm.weight"], state["radiomics_norm.weight"])  # it learnt from them
+    _, summary, site_id = evaluate_round(new, {"split": "test"}, run_config, {"partition-id": 2})
+    assert site_id == "hospital_c" and int(summary["cidx_all"].sum()) > 0
+    # without its radiomics the model refuses to predict rather than silently using zeros
+    with pytest.raises(ValueError, match="takes 3 radiomics features"):
+        model(torch.zeros(1, len(IMAGE_CHANNELS), 16, 16, 16), torch.zeros(1, len(clinical_feature_names())))

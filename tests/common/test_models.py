@@ -34,7 +34,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 @pytest.mark.parametrize("kwargs, message", [
     ({"encoder": "resnet1000"}, "encoder must be one of"),
     ({"in_channels": 1}, "in_channels"),
-    ({"encoder": "none", "n_clinical": 0}, "needs an image encoder or clinical"),
+    ({"encoder": "none", "n_clinical": 0}, "needs an image encoder, radiomics or clinical"),
 ])
 def test_bad_constructor_values_raise(kwargs, message):
     args = {"in_channels": 5, "n_clinical": 7, **kwargs}
