@@ -60,7 +60,7 @@ def test_weighted_bce_ignores_unknown_labels():
 
 
 def test_exponential_hazards_nll_is_a_per_patient_sum_with_the_closed_form_optimum():
-    from common.models.losses import exponential_hazards_nll
+    from common.models.losses import PRIOR_ANNUAL_HAZARD, exponential_hazards_nll
 
     rng = np.random.default_rng(4)
     times = torch.tensor(rng.exponential(20, 50))
@@ -70,8 +70,9 @@ def test_exponential_hazards_nll_is_a_per_patient_sum_with_the_closed_form_optim
     singles = torch.stack([exponential_hazards_nll(risk[i:i + 1], times[i:i + 1], events[i:i + 1])
                            for i in range(50)])
     assert float(exponential_hazards_nll(risk, times, events)) == pytest.approx(float(singles.mean()), rel=1e-12)
-    # a common log-hazard is optimal at the exponential MLE, log(events / person-years): zero gradient there
-    mle = np.log(float(events.sum()) / float(times.sum() / 12.0))
+    # a common log relative hazard is optimal at the exponential MLE, log(events / person-years) less the
+    # log prior baseline: zero gradient there
+    mle = np.log(float(events.sum()) / float(times.sum() / 12.0)) - np.log(PRIOR_ANNUAL_HAZARD)
     for c0, sign in ((mle, 0), (mle - 0.5, -1), (mle + 0.5, 1)):
         c = torch.tensor(c0, dtype=torch.float64, requires_grad=True)
         exponential_hazards_nll(c.expand(50), times, events).backward()
