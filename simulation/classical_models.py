@@ -98,7 +98,7 @@ def _default_config(site_id: str) -> SiteConfig:
 
 def classical_model_results(prepared_sites: list, seed: int, harmonize: bool = True, site_configs: list | None = None,
                             params: str = "fast", n_folds: int = 5, workers: int | None = None,
-                            second_reader_seed: int | None = None) -> dict[str, dict]:
+                            second_reader_seed: int | None = None, progress: bool = False) -> dict[str, dict]:
     """The demo report's rows for CR / R / RCR trained federated on the demo's prepared sites.
 
     ``prepared_sites``: the PreparedSites the deep models use (same patients, same train / test split
@@ -115,7 +115,7 @@ def classical_model_results(prepared_sites: list, seed: int, harmonize: bool = T
         if config.site_id != site.site_id:
             raise ValueError(f"site {site.site_id}: site_configs gives the YAML of {config.site_id} in its place")
         patients = [str(p) for p in site.patient_ids]
-        table = extract_site(config, params, workers=workers, progress=False, patient_ids=patients)
+        table = extract_site(config, params, workers=workers, progress=progress, patient_ids=patients)
         sites.append(join_site(site, table, seed))
         if second_reader_seed is not None:
             add_second_reader(sites[-1], table, extract_site(config, params, workers=workers, progress=False,

@@ -450,7 +450,8 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         echo("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
              "(each site extracts its radiomics once; cached)")
         classical = classical_model_results(train_sites, settings.seed, harmonize=True,
-                                            site_configs=[path for _, path in training], workers=settings.workers)
+                                            site_configs=[path for _, path in training], workers=settings.workers,
+                                            progress=True)
         radiomics = tuple(classical["R (federated)"]["features"])
         for name, result in classical.items():
             echo(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}"
