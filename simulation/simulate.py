@@ -1,12 +1,17 @@
-"""The main job: synthetic hospitals -> preparation -> federated training -> report.
+"""The main job: synthetic hospitals -> preparation -> classical models -> federated training -> report.
 
+The seeds' classical CR / R / RCR models come first, by federated statistics;
+the R model's selected radiomics become the fusion model's radiomics input.
 Besides the federated model (trained through Flower's simulation engine on a
-real local SuperLink) it trains, in this process and with the same code and
-the same number of epochs, the references a federation is judged against:
-the centralized model on the pooled training data, each hospital alone, and a
-clinical-only model. Every model is evaluated on the same test patients
-through the same site-summary path; the oracle row (the generator's true risk)
-says how close to the best possible they come. Only this module reads the oracle.
+real local SuperLink, then again under DP-SGD) it trains, in this process and
+with the same code and the same number of epochs, the references a federation
+is judged against: the centralized model on the pooled training data, each
+hospital alone, clinical-only and image-only models. Every model is evaluated
+on the same test patients (each hospital's test split, or with ``external``
+every patient of a held-out hospital) through the same site-summary path, and
+compared with the federated model by paired DeLong tests from two summary
+rounds; the oracle row (the generator's true risk) says how close to the best
+possible they come. Only this module reads the oracle.
 """
 
 from __future__ import annotations
@@ -433,8 +438,8 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         t0 = time.time()
         sites.append(prepare_site(config, workers=settings.workers))
         echo(f"prepared {config.site_id}: {len(sites[-1])} patients ({time.time() - t0:.1f} s)")
-    training = [(site, path) for site, path in zip(sites, site_paths) if site.site_id != settings.external]
-    train_sites = [site for site, _ in training]
+    train_paths = [path for site, path in zip(sites, site_paths) if site.site_id != settings.external]
+    train_sites = [site for site in sites if site.site_id != settings.external]
     sets = evaluation_sets(sites, settings.seed, settings.external)
     evaluation = describe_evaluation(sets, settings.external)
     if settings.external is not None:
@@ -450,7 +455,7 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
         echo("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
              "(each site extracts its radiomics once; cached)")
         classical = classical_model_results(train_sites, settings.seed, harmonize=True,
-                                            site_configs=[path for _, path in training], workers=settings.workers,
+                                            site_configs=train_paths, workers=settings.workers,
                                             progress=True)
         radiomics = tuple(classical["R (federated)"]["features"])
         for name, result in classical.items():
@@ -463,11 +468,10 @@ def simulate(settings: SimulationSettings = SimulationSettings(), echo: Callable
     if radiomics:
         sites = [attach_radiomics(site, load_site_config(path), radiomics, "fast", settings.workers)
                  for site, path in zip(sites, site_paths)]
-        training = [(site, path) for site, path in zip(sites, site_paths) if site.site_id != settings.external]
-        train_sites = [site for site, _ in training]
+        train_sites = [site for site in sites if site.site_id != settings.external]
         sets = evaluation_sets(sites, settings.seed, settings.external)
 
-    run = run_config_for(settings, [path for _, path in training], run_dir, radiomics)
+    run = run_config_for(settings, train_paths, run_dir, radiomics)
     book = TestPredictions()
     models = {"federated": federated_run(run, "federated", train_sites, sets, settings.external, book, echo),
               **models}
