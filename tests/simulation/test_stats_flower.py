@@ -87,3 +87,17 @@ def test_flower_figures_equal_the_in_process_run(stats_run):
     _close(flower["figures"], jsonable(here["figures"]), "figures")
     assert flower["test"]["n_patients"] == sum(len(s.test) for s in sites)
     assert result["sites"]["n_train"] == {s.site_id: len(s.train) for s in sites}
+
+
+def test_a_failing_site_stops_the_job_with_its_reason(tmp_path):
+    """A site whose data cannot be read answers with an error; the job stops and says which and why."""
+    profiles = tuple(dataclasses.replace(s, n_patients=20) for s in DEFAULT_SITES)
+    synthesize_cohort(tmp_path / "data", seed=3, sites=profiles, tabular_only=True, progress=False)
+    yamls = effective_site_configs(SimulationSettings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+                                                      sites=profiles), tmp_path)
+    (tmp_path / "data" / "hospital_b" / "manifest.csv").unlink()  # this test's own copy of the cohort
+    with pytest.raises(RuntimeError, match="wrote no"):
+        flower_stats_run(yamls, tmp_path / "run", seed=0)
+    log = (tmp_path / "run" / "flower.log").read_text(errors="replace")
+    assert "failed on request" in log and "hospital_b" in log and "manifest" in log
+    assert not (tmp_path / "run" / "stats" / "federated_stats.json").exists()
