@@ -24,8 +24,8 @@ from client.stats_site import local_send
 from common.config import SiteConfig, load_site_config
 from server import classical_models as cm
 
-__all__ = ["ClassicalSite", "LinearModel", "build_sites", "run_classical_models", "tabular_site",
-           "evaluate_cohort", "classical_model_results", "harmonization_effect", "flower_stats_run"]
+__all__ = ["ClassicalSite", "LinearModel", "run_classical_models", "tabular_site",
+           "classical_model_results", "harmonization_effect", "flower_stats_run"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Names of the models' rows in the demo report.
@@ -42,12 +42,6 @@ class LinearModel:
 
     def score(self, site: ClassicalSite, rows: np.ndarray) -> np.ndarray:
         return score_model(self.spec, site.names, site.features[rows])
-
-
-def build_sites(prepared: list, radiomics_tables: list | None, seed: int) -> list[ClassicalSite]:
-    """Join each PreparedSite's clinical vector with its RadiomicsTable on patient id; split by ``seed``."""
-    tables = radiomics_tables if radiomics_tables is not None else [None] * len(prepared)
-    return [join_site(site, table, seed) for site, table in zip(prepared, tables)]
 
 
 def run_classical_models(sites: list[ClassicalSite], seed: int = 0, n_folds: int = 5, harmonize: bool = False
@@ -71,20 +65,6 @@ def run_classical_models(sites: list[ClassicalSite], seed: int = 0, n_folds: int
 
 def _configs(site_yamls: list) -> list[SiteConfig]:
     return [c if isinstance(c, SiteConfig) else load_site_config(c) for c in site_yamls]
-
-
-def evaluate_cohort(site_yamls: list, params: str = "fast", seed: int = 0, n_folds: int = 5,
-                    workers: int | None = None, second_reader_seed: int | None = None, progress: bool = True,
-                    harmonize: bool = False) -> dict:
-    """Prepare (tabular), extract radiomics (cached) and run CR / R / RCR on a cohort of site YAMLs.
-
-    ``second_reader_seed`` set: also extract radiomics on perturbed masks and filter R's features by ICC > 0.75.
-    Returns {model: {"features", "test", "figures"}} plus "n_test" per site.
-    """
-    sites = [load_classical_site(c, seed, params, second_reader_seed, workers, progress) for c in _configs(site_yamls)]
-    out = run_classical_models(sites, seed, n_folds, harmonize)
-    return {key: {"features": r["model"].features, "test": r["test"], "figures": r["figures"]}
-            for key, r in out.items()} | {"n_test": {s.site_id: int(len(s.test)) for s in sites}}
 
 
 def _default_config(site_id: str) -> SiteConfig:
