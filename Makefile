@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m simulation.bench
+	$(PY) -m hccfed.simulation.bench
 
 clean:
 	rm -rf .cache runs data/synthetic

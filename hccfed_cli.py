@@ -19,13 +19,13 @@ from pathlib import Path
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from simulation.cohort import synthesize_cohort
+    from hccfed.simulation.cohort import synthesize_cohort
 
     info = synthesize_cohort(Path(args.out), seed=args.seed, tabular_only=args.tabular_only,
                              workers=args.workers, progress=True)
     print(f"wrote the synthetic cohort to {args.out}: {info.get('counts', info)}")
     if args.dicom:
-        from simulation.dicom_export import export_site_dicom
+        from hccfed.simulation.dicom_export import export_site_dicom
 
         if args.tabular_only:
             raise ValueError("--dicom needs the volumes: leave out --tabular-only")
@@ -37,8 +37,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from client.prepare import prepare_site
-    from common.config import load_site_config
+    from hccfed.client.prepare import prepare_site
+    from hccfed.common.config import load_site_config
 
     config = load_site_config(args.site)
     site = prepare_site(config, workers=args.workers)
@@ -54,7 +54,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulation.simulate import SimulationSettings, simulate
+    from hccfed.simulation.simulate import SimulationSettings, simulate
 
     defaults = SimulationSettings()
     settings = SimulationSettings(
@@ -78,7 +78,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _site_summary(args: argparse.Namespace) -> int:
-    from client.site_summary import write_site_summary
+    from hccfed.client.site_summary import write_site_summary
 
     out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled,
                              epsilon=args.epsilon, seed=args.seed)
@@ -87,7 +87,7 @@ def _site_summary(args: argparse.Namespace) -> int:
 
 
 def _pool_summaries(args: argparse.Namespace) -> int:
-    from server.pool_summaries import write_pool_report
+    from hccfed.server.pool_summaries import write_pool_report
 
     out = write_pool_report(args.summaries, args.out)
     print(f"figures: {out}\nround-2 input for paired tests: {out.parent / 'pooled_histograms.json'}")
@@ -98,10 +98,10 @@ def _stats(args: argparse.Namespace) -> int:
     import json
     from datetime import datetime
 
-    from client.radiomics import extract_site
-    from common.config import load_site_config
-    from simulation.classical_models import flower_stats_run
-    from simulation.simulate import SimulationSettings, effective_site_configs, ensure_cohort
+    from hccfed.client.radiomics import extract_site
+    from hccfed.common.config import load_site_config
+    from hccfed.simulation.classical_models import flower_stats_run
+    from hccfed.simulation.simulate import SimulationSettings, effective_site_configs, ensure_cohort
 
     def say(message: str) -> None:
         print(f"[hccfed {datetime.now():%H:%M:%S}] {message}", flush=True)

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from client.evaluation import clinical_summary
-from client.radiomics import REGIONS, RadiomicsTable, extract_site
-from client.site_data import split_indices
-from client.stats_site import StatsSite
-from common.config import SiteConfig
-from common.schema import PHASES
-from common.stats import combat
+from hccfed.client.evaluation import clinical_summary
+from hccfed.client.radiomics import REGIONS, RadiomicsTable, extract_site
+from hccfed.client.site_data import split_indices
+from hccfed.client.stats_site import StatsSite
+from hccfed.common.config import SiteConfig
+from hccfed.common.schema import PHASES
+from hccfed.common.stats import combat
 
 RADIOMIC_NAME = re.compile(rf"^({'|'.join(PHASES)})_({'|'.join(REGIONS)})_")
 SCORE_COLUMN = "extra_score"
@@ -67,11 +67,11 @@ def tabular_site(config: SiteConfig, images: bool = True):
     Patients whose manifest row or labs fail QC are left out, as ``client.prepare`` would.
     ``images=False``: a missing image or mask file does not exclude a patient (clinical-only models).
     """
-    from client.labs import clinical_features
-    from client.manifest import read_manifest
-    from client.prepare import PreparedSite
-    from client.qc import check_labs
-    from common.schema import clinical_feature_names, early_recurrence_label
+    from hccfed.client.labs import clinical_features
+    from hccfed.client.manifest import read_manifest
+    from hccfed.client.prepare import PreparedSite
+    from hccfed.client.qc import check_labs
+    from hccfed.common.schema import clinical_feature_names, early_recurrence_label
 
     if images:
         manifest = read_manifest(config, strict=False)
@@ -135,7 +135,7 @@ def add_second_reader(site: ClassicalSite, table: RadiomicsTable, second: Radiom
 
 def has_volumes(config: SiteConfig) -> bool:
     """Whether the site's manifest points at tumour masks that exist (a tabular-only cohort has none)."""
-    from client.manifest import read_manifest
+    from hccfed.client.manifest import read_manifest
 
     return any(Path(p).exists() for p in read_manifest(config, strict=False).mask_paths)
 
@@ -266,7 +266,7 @@ def cached_endpoint(site_yaml: str, seed: int, n_folds: int, radiomics: str | No
                     ) -> ClassicalStatsSite:
     """This process's endpoint for a site in one run: built on the run's first request, kept for the run
     (a new run reads the site's data again)."""
-    from common.config import load_site_config
+    from hccfed.common.config import load_site_config
 
     key = (run_key, str(site_yaml), int(seed), int(n_folds), radiomics)
     if key not in _ENDPOINTS:

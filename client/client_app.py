@@ -7,12 +7,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.classical_site import cached_endpoint
-from client.evaluation import CLINICAL_PREFIX
-from client.federated import evaluate_round, site_config_path, site_id_of, train_round
-from client.secagg_client import is_secagg_message, secagg_app
-from common.config import RunConfig
-from common.record_codec import flatten, unflatten
+from hccfed.client.classical_site import cached_endpoint
+from hccfed.client.evaluation import CLINICAL_PREFIX
+from hccfed.client.federated import evaluate_round, site_config_path, site_id_of, train_round
+from hccfed.client.secagg_client import is_secagg_message, secagg_app
+from hccfed.common.config import RunConfig
+from hccfed.common.record_codec import flatten, unflatten
 
 app = ClientApp()
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics.federated_clinical import ClinicalGrid, model_site_summary
-from common.metrics.summaries import SummaryGrid, site_summary
+from hccfed.common.metrics.federated_clinical import ClinicalGrid, model_site_summary
+from hccfed.common.metrics.summaries import SummaryGrid, site_summary
 
 AUC_KEYS = ("auc_pos", "auc_neg")
 #: Prefix of the clinical-summary arrays in an evaluate reply (the final test evaluation only).

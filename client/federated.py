@@ -22,16 +22,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from client.evaluation import CLINICAL_PREFIX, clinical_summary, evaluation_summary
-from client.prepare import PreparedSite, prepare_site
-from client.site_data import site_split
-from client.site_radiomics import attach_radiomics
-from client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
+from hccfed.client.evaluation import CLINICAL_PREFIX, clinical_summary, evaluation_summary
+from hccfed.client.prepare import PreparedSite, prepare_site
+from hccfed.client.site_data import site_split
+from hccfed.client.site_radiomics import attach_radiomics
+from hccfed.client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
     steps_per_epoch
-from client.training import TrainSettings, detect_device, predict, train_local
-from common.config import ConfigError, RunConfig, load_site_config
-from common.models.fusion import model_from_run_config, norm_parameter_names
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.client.training import TrainSettings, detect_device, predict, train_local
+from hccfed.common.config import ConfigError, RunConfig, load_site_config
+from hccfed.common.models.fusion import model_from_run_config, norm_parameter_names
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 
 def site_config_path(run_config: RunConfig, node_config: Mapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.qc import PatientQCError
+from hccfed.client.qc import PatientQCError
 
 #: A step between consecutive slices above this multiple of the median step is a missing slice.
 GAP_FACTOR = 1.5

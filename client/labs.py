@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.config import SiteConfig
-from common.schema import HEPATITIS_TYPES, LAB_CATEGORY_CODES, LABS, clinical_feature_names, to_canonical
+from hccfed.common.config import SiteConfig
+from hccfed.common.schema import HEPATITIS_TYPES, LAB_CATEGORY_CODES, LABS, clinical_feature_names, to_canonical
 
 
 class LabError(ValueError):

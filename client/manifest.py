@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.qc import QCIssue, unit_column
-from common.config import SiteConfig
-from common.schema import CATEGORIES, CLINICAL_COLUMNS, LABS, OUTCOME_COLUMNS
+from hccfed.client.qc import QCIssue, unit_column
+from hccfed.common.config import SiteConfig
+from hccfed.common.schema import CATEGORIES, CLINICAL_COLUMNS, LABS, OUTCOME_COLUMNS
 
 
 class ManifestError(ValueError):

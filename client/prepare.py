@@ -39,13 +39,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from client.ingest import check_mask, check_overlap, read_volume
-from client.labs import clinical_features, harmonize_labs
-from client.manifest import Manifest, read_manifest
-from client.qc import PatientQCError, QCIssue, QCReport, check_labs
-from client.registration import register_rigid
-from common.config import Preprocessing, SiteConfig
-from common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
+from hccfed.client.ingest import check_mask, check_overlap, read_volume
+from hccfed.client.labs import clinical_features, harmonize_labs
+from hccfed.client.manifest import Manifest, read_manifest
+from hccfed.client.qc import PatientQCError, QCIssue, QCReport, check_labs
+from hccfed.client.registration import register_rigid
+from hccfed.common.config import Preprocessing, SiteConfig
+from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
 PREPARE_VERSION = "3"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.config import SiteConfig
-from common.schema import LABS
+from hccfed.common.config import SiteConfig
+from hccfed.common.schema import LABS
 
 #: Reason codes, with what a user should do about each.
 REASONS: dict[str, str] = {

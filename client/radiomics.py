@@ -36,10 +36,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from client.ingest import read_volume
-from client.manifest import read_manifest
-from common.config import SiteConfig
-from common.schema import PHASES
+from hccfed.client.ingest import read_volume
+from hccfed.client.manifest import read_manifest
+from hccfed.common.config import SiteConfig
+from hccfed.common.schema import PHASES
 
 RADIOMICS_VERSION = "1"
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "common"

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from client.qc import PatientQCError
-from common.config import Preprocessing
+from hccfed.client.qc import PatientQCError
+from hccfed.common.config import Preprocessing
 
 SAMPLING_SEED = 20260601
 

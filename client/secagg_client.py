@@ -23,10 +23,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.federated import train_round
-from common.config import RunConfig
-from common.models.fusion import model_from_run_config
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.client.federated import train_round
+from hccfed.common.config import RunConfig
+from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 
 def is_secagg_message(msg: Message) -> bool:

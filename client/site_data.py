@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.prepare import PreparedSite
+from hccfed.client.prepare import PreparedSite
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.50, 0.15, 0.35)

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from client.prepare import PreparedSite
-from client.radiomics import extract_site
-from common.config import SiteConfig
+from hccfed.client.prepare import PreparedSite
+from hccfed.client.radiomics import extract_site
+from hccfed.common.config import SiteConfig
 
 
 def attach_radiomics(site: PreparedSite, config: SiteConfig, names: Sequence[str], params: str = "fast",

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.metrics.federated_clinical import DP_GRID, ClinicalGrid, model_site_summary, privatize_model_summary
-from common.metrics.federated_delong import placement_sums
-from common.metrics.summary_codec import decode_arrays, encode_arrays
+from hccfed.common.metrics.federated_clinical import DP_GRID, ClinicalGrid, model_site_summary, privatize_model_summary
+from hccfed.common.metrics.federated_delong import placement_sums
+from hccfed.common.metrics.summary_codec import decode_arrays, encode_arrays
 
 SITE_FORMAT = "hccfed-site-summary/1"
 POOLED_FORMAT = "hccfed-pooled-histograms/1"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.stats import combat, cox, icc, moments, regression
+from hccfed.common.stats import combat, cox, icc, moments, regression
 
 
 def _site_rng(seed: int, site_id: str) -> np.random.Generator:

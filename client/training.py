@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.site_data import SplitData
-from common.models.losses import cox_partial_likelihood, exponential_hazards_nll, weighted_bce
+from hccfed.client.site_data import SplitData
+from hccfed.common.models.losses import cox_partial_likelihood, exponential_hazards_nll, weighted_bce
 
 if TYPE_CHECKING:
-    from client.privacy import PrivateTraining
+    from hccfed.client.privacy import PrivateTraining
 
 AUGMENTATIONS = ("flip-shift", "affine", "none")
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from common.schema import LABS, PHASES, image_column
+from hccfed.common.schema import LABS, PHASES, image_column
 
 TREATMENTS = ("resection", "ablation", "transplant")
 NORMALISATIONS = ("zscore_ring", "zscore_box")

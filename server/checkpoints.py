@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.config import RunConfig
+from hccfed.common.config import RunConfig
 
 FOLDER = "checkpoints"
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from server import federated_stats as fs
-from server.federated_eval import pooled_clinical_figures, pooled_figures
-from server.federated_stats import Send
-from server.pool_summaries import jsonable
+from hccfed.server import federated_stats as fs
+from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
+from hccfed.server.federated_stats import Send
+from hccfed.server.pool_summaries import jsonable
 
 R_SCORE = "R_score"
 

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server import report_plots
-from server.report_format import fmt, fmt_p, html_image, html_page, html_table, markdown_table
+from hccfed.server import report_plots
+from hccfed.server.report_format import fmt, fmt_p, html_image, html_page, html_table, markdown_table
 
 
 def _ok(block: Any) -> dict:

@@ -6,9 +6,9 @@ from typing import Mapping
 
 import numpy as np
 
-from common.metrics.federated_clinical import ClinicalGrid, pool_model_summaries
-from common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries
-from server.pool_summaries import jsonable, model_figures
+from hccfed.common.metrics.federated_clinical import ClinicalGrid, pool_model_summaries
+from hccfed.common.metrics.summaries import auc_from_summary, cindex_from_summary, pool_summaries
+from hccfed.server.pool_summaries import jsonable, model_figures
 
 SUMMARY_KEYS = ("auc_pos", "auc_neg", "cidx_event", "cidx_all")
 

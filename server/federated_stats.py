@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.stats import combat, cox, icc, moments, regression, screening
+from hccfed.common.stats import combat, cox, icc, moments, regression, screening
 
 Send = Callable[[dict], list[dict]]
 

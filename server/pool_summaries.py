@@ -24,13 +24,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common.metrics import federated_clinical as F
-from common.metrics import federated_survival as FS
-from common.metrics.federated_delong import delong_paired_from_sums, histogram_fingerprint, pool_placement_sums
-from common.metrics.meta_analysis import dersimonian_laird
-from common.metrics.summaries import roc_curve_from_summary
-from common.metrics.summary_codec import decode_arrays, encode_arrays
-from server.clinical_report import write_pooled_report
+from hccfed.common.metrics import federated_clinical as F
+from hccfed.common.metrics import federated_survival as FS
+from hccfed.common.metrics.federated_delong import delong_paired_from_sums, histogram_fingerprint, pool_placement_sums
+from hccfed.common.metrics.meta_analysis import dersimonian_laird
+from hccfed.common.metrics.summaries import roc_curve_from_summary
+from hccfed.common.metrics.summary_codec import decode_arrays, encode_arrays
+from hccfed.server.clinical_report import write_pooled_report
 
 SITE_FORMAT = "hccfed-site-summary/1"
 POOLED_FORMAT = "hccfed-pooled-histograms/1"

@@ -12,8 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from server import clinical_report
-from server.report_format import fmt, html_page, html_table, markdown_table
+from hccfed.server import clinical_report
+from hccfed.server.report_format import fmt, html_page, html_table, markdown_table
 
 #: Packages whose versions a report records (a result is only reproducible with them).
 VERSIONED_PACKAGES = ("hccfed", "flwr", "torch", "monai", "numpy", "scipy", "scikit-learn", "lifelines",

@@ -8,9 +8,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.stats_job import run_federated_stats
-from server.training_run import run_federated_training
+from hccfed.common.config import RunConfig
+from hccfed.server.stats_job import run_federated_stats
+from hccfed.server.training_run import run_federated_training
 
 app = ServerApp()
 

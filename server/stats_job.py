@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import RunConfig
-from server.audit import AuditingGrid
-from server.classical_models import results_json, run_classical_models
-from server.stats_messages import FlowerSend
+from hccfed.common.config import RunConfig
+from hccfed.server.audit import AuditingGrid
+from hccfed.server.classical_models import results_json, run_classical_models
+from hccfed.server.stats_messages import FlowerSend
 
 LOG = logging.getLogger("flwr")
 RESULTS_FILE = "federated_stats.json"

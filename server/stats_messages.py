@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from common.record_codec import flatten, unflatten
+from hccfed.common.record_codec import flatten, unflatten
 
 MESSAGE_TYPE = "query"
 

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
-from common.config import RunConfig
+from hccfed.common.config import RunConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _PURPOSES = {MessageType.TRAIN: 1, MessageType.EVALUATE: 2}

@@ -31,15 +31,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from common.config import ConfigError, RunConfig
-from common.models.fusion import model_from_run_config
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from server.audit import AuditingGrid
-from server.checkpoints import load_checkpoint, save_checkpoint
-from server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
-from server.secagg import SecureAggregator
-from server.strategies import make_strategy, restore_strategy_state, strategy_state
-from server.update_validation import reply_site_id, validate_train_replies
+from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.server.audit import AuditingGrid
+from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
+from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
+from hccfed.server.secagg import SecureAggregator
+from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
+from hccfed.server.update_validation import reply_site_id, validate_train_replies
 
 LOG = logging.getLogger("flwr")  # Flower's logger: shown in the run's log with its own lines
 

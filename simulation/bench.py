@@ -25,18 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.manifest import read_manifest
-from client.prepare import prepare_site
-from client.radiomics import extract_site
-from client.site_data import site_split
-from client.privacy import PrivateTraining
-from client.training import TrainSettings, train_local
-from common.config import load_site_config, site_config_to_yaml
-from common.metrics.summaries import SummaryGrid, site_summary
-from common.models.fusion import build_model
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from server.federated_eval import pooled_figures
-from simulation.cohort import DEFAULT_SITES, synthesize_cohort
+from hccfed.client.manifest import read_manifest
+from hccfed.client.prepare import prepare_site
+from hccfed.client.radiomics import extract_site
+from hccfed.client.site_data import site_split
+from hccfed.client.privacy import PrivateTraining
+from hccfed.client.training import TrainSettings, train_local
+from hccfed.common.config import load_site_config, site_config_to_yaml
+from hccfed.common.metrics.summaries import SummaryGrid, site_summary
+from hccfed.common.models.fusion import build_model
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.server.federated_eval import pooled_figures
+from hccfed.simulation.cohort import DEFAULT_SITES, synthesize_cohort
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

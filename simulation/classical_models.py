@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client.classical_site import (ClassicalSite, add_second_reader, join_site, load_classical_site,
+from hccfed.client.classical_site import (ClassicalSite, add_second_reader, join_site, load_classical_site,
                                    local_endpoints, score_model, tabular_site)
-from client.radiomics import extract_site
-from client.stats_site import local_send
-from common.config import SiteConfig, load_site_config
-from server import classical_models as cm
+from hccfed.client.radiomics import extract_site
+from hccfed.client.stats_site import local_send
+from hccfed.common.config import SiteConfig, load_site_config
+from hccfed.server import classical_models as cm
 
 __all__ = ["ClassicalSite", "LinearModel", "run_classical_models", "tabular_site",
            "classical_model_results", "harmonization_effect", "flower_stats_run"]
@@ -68,7 +68,7 @@ def _configs(site_yamls: list) -> list[SiteConfig]:
 
 
 def _default_config(site_id: str) -> SiteConfig:
-    from simulation.cohort import DEFAULT_SITES
+    from hccfed.simulation.cohort import DEFAULT_SITES
 
     for profile in DEFAULT_SITES:
         if profile.site_id == site_id:
@@ -115,7 +115,7 @@ def harmonization_effect(site_yamls: list | None = None, params: str = "fast", s
     "with": {...}, "auc_change": with - without}} and "seconds" per arm.
     """
     if site_yamls is None:
-        from simulation.cohort import DEFAULT_SITES
+        from hccfed.simulation.cohort import DEFAULT_SITES
 
         site_yamls = [p.config_path for p in DEFAULT_SITES]
     sites = [load_classical_site(c, seed, params, workers=workers) for c in _configs(site_yamls)]
@@ -138,9 +138,9 @@ def flower_stats_run(site_yamls: list, run_dir: Path, seed: int = 0, harmonize: 
     Writes under ``run_dir``: ``stats/federated_stats.json`` (returned), ``stats/messages_audit.jsonl``
     and ``flower.log``.
     """
-    from common.config import RunConfig
-    from server.stats_job import RESULTS_FILE
-    from simulation.flower_runner import flwr_run
+    from hccfed.common.config import RunConfig
+    from hccfed.server.stats_job import RESULTS_FILE
+    from hccfed.simulation.flower_runner import flwr_run
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from common.config import load_site_config
-from common.schema import (EARLY_RECURRENCE_MONTHS, HEPATITIS_TYPES, LABS, MASK_COLUMN, PHASES,
+from hccfed.common.config import load_site_config
+from hccfed.common.schema import (EARLY_RECURRENCE_MONTHS, HEPATITIS_TYPES, LABS, MASK_COLUMN, PHASES,
                            image_column, manifest_columns, to_canonical)
-from simulation.phantom import RenderedPatient, Scanner, TumourSpec, render_patient
+from hccfed.simulation.phantom import RenderedPatient, Scanner, TumourSpec, render_patient
 
 GENERATOR_VERSION = "1.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
-from common.schema import MASK_COLUMN, PHASES, image_column
+from hccfed.common.schema import MASK_COLUMN, PHASES, image_column
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 

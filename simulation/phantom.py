@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from common.schema import PHASES
+from hccfed.common.schema import PHASES
 
 #: Intensity per phase (pre, arterial, portal, delayed) of each tissue, pre-contrast liver = 1.
 TISSUE: dict[str, tuple[float, float, float, float]] = {

@@ -28,23 +28,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.evaluation import clinical_summary, evaluation_summary
-from client.prepare import PreparedSite, prepare_site
-from client.federated import model_for
-from client.site_radiomics import attach_radiomics
-from client.site_data import ALL, SplitData, pooled_split, site_split
-from client.training import TrainSettings, predict, train_local
-from common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
-from common.models.fusion import model_from_run_config
-from common.metrics.federated_delong import delong_paired_from_sums, placement_sums, pool_placement_sums
-from common.metrics.summaries import SummaryGrid, site_summary
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from server.audit import read_audit, train_bytes_per_site
-from server.federated_eval import pooled_clinical_figures, pooled_figures
-from server.report import write_report
-from simulation.classical_models import classical_model_results
-from simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, oracle_path, synthesize_cohort
-from simulation.flower_runner import flwr_run
+from hccfed.client.evaluation import clinical_summary, evaluation_summary
+from hccfed.client.prepare import PreparedSite, prepare_site
+from hccfed.client.federated import model_for
+from hccfed.client.site_radiomics import attach_radiomics
+from hccfed.client.site_data import ALL, SplitData, pooled_split, site_split
+from hccfed.client.training import TrainSettings, predict, train_local
+from hccfed.common.config import RunConfig, SiteConfig, load_site_config, site_config_to_yaml
+from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.metrics.federated_delong import delong_paired_from_sums, placement_sums, pool_placement_sums
+from hccfed.common.metrics.summaries import SummaryGrid, site_summary
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.server.audit import read_audit, train_bytes_per_site
+from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
+from hccfed.server.report import write_report
+from hccfed.simulation.classical_models import classical_model_results
+from hccfed.simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, oracle_path, synthesize_cohort
+from hccfed.simulation.flower_runner import flwr_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

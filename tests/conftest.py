@@ -7,37 +7,44 @@ never touch the repository's data/ or .cache/.
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
-from common.config import SiteConfig, load_site_config, site_config_to_yaml
-from simulation.cohort import DEFAULT_SITES, synthesize_cohort
+from hccfed.simulation.cohort import synthesize_cohort
+from site_fixtures import TINY_FOV_MM, tiny_profiles, write_site_yamls
 
-TINY_SIZES = {"hospital_a": 14, "hospital_b": 11, "hospital_c": 9}
-TINY_FOV_MM = (200.0, 200.0, 120.0)
-
-
-def tiny_profiles():
-    return tuple(dataclasses.replace(s, n_patients=TINY_SIZES[s.site_id]) for s in DEFAULT_SITES)
+REPO = Path(__file__).resolve().parents[1]
+_OUTSIDE_READS: set[str] = set()
 
 
-def write_site_yamls(data_dir: Path, cache_dir: Path, out_dir: Path, profiles) -> list[Path]:
-    paths = []
-    for profile in profiles:
-        config = load_site_config(profile.config_path)
-        config = dataclasses.replace(config, data_root=data_dir / profile.site_id,
-                                     manifest=data_dir / profile.site_id / "manifest.csv",
-                                     cache_dir=cache_dir / profile.site_id)
-        path = out_dir / f"{profile.site_id}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(site_config_to_yaml(config))
-        paths.append(path)
-    return paths
+def _audit_open(event: str, args: tuple) -> None:
+    """Record every file this test process opens beside the repository (a sibling of its folder):
+    a clone has nothing beside it, so such a read passes here and fails everywhere else."""
+    if event != "open" or not isinstance(args[0], (str, Path)):
+        return
+    try:
+        path = Path(os.path.abspath(args[0]))
+    except (TypeError, ValueError):
+        return
+    if (path.is_relative_to(REPO.parent) and not path.is_relative_to(REPO)
+            and not path.is_relative_to(tempfile.gettempdir())):
+        _OUTSIDE_READS.add(str(path))
 
+
+sys.addaudithook(_audit_open)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OUTSIDE_READS:
+        session.config.get_terminal_writer().line(
+            "tests opened files outside the repository (a fresh clone has none): "
+            + ", ".join(sorted(_OUTSIDE_READS)[:10]), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory):
@@ -47,18 +54,6 @@ def tiny_cohort(tmp_path_factory):
     profiles = tiny_profiles()
     synthesize_cohort(data_dir, seed=7, sites=profiles, fov_mm=TINY_FOV_MM, workers=1, progress=False)
     return data_dir, write_site_yamls(data_dir, root / "cache", root / "sites", profiles)
-
-
-def private_site_copy(site_yaml: Path, tmp_path: Path) -> SiteConfig:
-    """A private copy of one tiny site (data and YAML) that a test may damage; its cache in tmp_path."""
-    config = load_site_config(site_yaml)
-    root = tmp_path / "data" / config.site_id
-    shutil.copytree(config.data_root, root)
-    config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
-                                 cache_dir=tmp_path / "cache")
-    path = tmp_path / "site.yaml"
-    path.write_text(site_config_to_yaml(config))
-    return load_site_config(path)
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.metrics import clinical as C
-from common.metrics import federated_clinical as F
-from common.metrics import survival_clinical as SC
-from common.metrics.discrimination import delong_ci, harrell_c_index
-from common.metrics.meta_analysis import dersimonian_laird
-from common.metrics.summary_codec import decode_arrays
+from hccfed.common.metrics import clinical as C
+from hccfed.common.metrics import federated_clinical as F
+from hccfed.common.metrics import survival_clinical as SC
+from hccfed.common.metrics.discrimination import delong_ci, harrell_c_index
+from hccfed.common.metrics.meta_analysis import dersimonian_laird
+from hccfed.common.metrics.summary_codec import decode_arrays
 from hccfed_cli import main
 
 LEVELS = np.round(np.arange(-3.0, 3.01, 0.2), 2) + 0.01

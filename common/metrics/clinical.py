@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import chi2, norm
 
-from common.metrics.discrimination import _as_1d_float, _as_binary, _check_same_length, _placements
+from hccfed.common.metrics.discrimination import _as_1d_float, _as_binary, _check_same_length, _placements
 
 __all__ = [
     "delong_paired_test",

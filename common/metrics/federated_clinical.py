@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from common.metrics.clinical import (
+from hccfed.common.metrics.clinical import (
     _youden_from_sorted_counts,
     at_or_above,
     fit_logistic_recalibration,
@@ -49,7 +49,7 @@ from common.metrics.clinical import (
     quantile_group_index,
     _curve,
 )
-from common.metrics.summaries import SummaryGrid, auc_from_summary, cindex_from_summary, validate_rows
+from hccfed.common.metrics.summaries import SummaryGrid, auc_from_summary, cindex_from_summary, validate_rows
 
 __all__ = [
     "ClinicalGrid",

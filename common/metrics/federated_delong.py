@@ -24,8 +24,8 @@ import hashlib
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from common.metrics.clinical import delong_paired_test_from_moments
-from common.metrics.summaries import SummaryGrid
+from hccfed.common.metrics.clinical import delong_paired_test_from_moments
+from hccfed.common.metrics.summaries import SummaryGrid
 
 __all__ = ["histogram_fingerprint", "placement_sums", "pool_placement_sums", "delong_paired_from_sums"]
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from common.metrics.federated_clinical import ClinicalGrid
-from common.metrics.survival_clinical import (
+from hccfed.common.metrics.federated_clinical import ClinicalGrid
+from hccfed.common.metrics.survival_clinical import (
     censoring_survival_from_counts,
     kaplan_meier_from_counts,
     logrank_from_counts,

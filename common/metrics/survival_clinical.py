@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import chi2
 
-from common.metrics.discrimination import _as_1d_float, _as_binary, _check_same_length
+from hccfed.common.metrics.discrimination import _as_1d_float, _as_binary, _check_same_length
 
 __all__ = [
     "kaplan_meier",

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.models.resnet import ResNet10Encoder3d
-from common.models.vit import ViTEncoder3d
+from hccfed.common.models.resnet import ResNet10Encoder3d
+from hccfed.common.models.vit import ViTEncoder3d
 
 if TYPE_CHECKING:
-    from common.config import RunConfig
+    from hccfed.common.config import RunConfig
 
 ENCODERS = ("cnn", "resnet10", "vit", "none")
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)

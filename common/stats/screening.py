@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import stats
 
-from common.stats.moments import mean_var
+from hccfed.common.stats.moments import mean_var
 
 
 def two_sample_tests(pos: dict[str, NDArray], neg: dict[str, NDArray], equal_var: bool = True

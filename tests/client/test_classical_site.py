@@ -5,9 +5,9 @@ the ComBat estimate a request carries."""
 import numpy as np
 import pytest
 
-from client.classical_site import ClassicalSite, ClassicalStatsSite, score_model
-from client.stats_site import local_send
-from server import federated_stats as fs
+from hccfed.client.classical_site import ClassicalSite, ClassicalStatsSite, score_model
+from hccfed.client.stats_site import local_send
+from hccfed.server import federated_stats as fs
 
 NAMES = ["age_decades", "arterial_tumour_original_firstorder_Mean", "portal_ring_original_glcm_Contrast"]
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.federated import evaluate_round, site_config_path, train_round
-from common.config import ConfigError, RunConfig
-from common.metrics.summaries import SummaryGrid
-from common.models.fusion import build_model
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.client.federated import evaluate_round, site_config_path, train_round
+from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.metrics.summaries import SummaryGrid
+from hccfed.common.models.fusion import build_model
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_dp_site_reports_its_spending_and_stops_when_the_budget_is_spent(tiny_co
 
 
 def test_local_norm_parameters_stay_at_the_site(tiny_cohort, tmp_path):
-    from common.models.fusion import norm_parameter_names
+    from hccfed.common.models.fusion import norm_parameter_names
 
     config = _config(tiny_cohort, tmp_path, local_norm=True, num_server_rounds=2)
     state = _initial_state(config)
@@ -106,12 +106,12 @@ def test_local_norm_parameters_stay_at_the_site(tiny_cohort, tmp_path):
 
 
 def test_the_fusion_model_takes_the_sites_standardised_radiomics(tiny_cohort):
-    from client.prepare import prepare_site
-    from client.radiomics import extract_site
-    from client.site_data import site_split
-    from client.site_radiomics import attach_radiomics
-    from common.config import load_site_config
-    from common.models.fusion import model_from_run_config
+    from hccfed.client.prepare import prepare_site
+    from hccfed.client.radiomics import extract_site
+    from hccfed.client.site_data import site_split
+    from hccfed.client.site_radiomics import attach_radiomics
+    from hccfed.common.config import load_site_config
+    from hccfed.common.models.fusion import model_from_run_config
 
     yaml = tiny_cohort[1][2]
     config = load_site_config(yaml)

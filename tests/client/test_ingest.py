@@ -12,11 +12,11 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from client.ingest import check_mask, check_overlap, read_volume
-from client.prepare import prepare_site
-from client.qc import PatientQCError
-from common.config import load_site_config, site_config_to_yaml
-from simulation.dicom_export import export_site_dicom
+from hccfed.client.ingest import check_mask, check_overlap, read_volume
+from hccfed.client.prepare import prepare_site
+from hccfed.client.qc import PatientQCError
+from hccfed.common.config import load_site_config, site_config_to_yaml
+from hccfed.simulation.dicom_export import export_site_dicom
 
 
 def mr_series(folder: Path, n: int = 6, step: float = 5.0, skip=(), prefix: str = "im") -> Path:
@@ -154,7 +154,7 @@ def config_spacing(site_root: Path) -> tuple[float, ...]:
 
 def test_cli_synth_dicom_then_prepare(tiny_site_profiles, tmp_path, monkeypatch, capsys):
     import hccfed_cli
-    import simulation.cohort as cohort
+    import hccfed.simulation.cohort as cohort
 
     real = cohort.synthesize_cohort
     two_patients = (dataclasses.replace(tiny_site_profiles[2], n_patients=2),)

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.labs import LabError, clinical_features, harmonize_labs, lab_category
-from common.config import load_site_config
-from common.schema import LABS, clinical_feature_names, early_recurrence_label, to_canonical
+from hccfed.client.labs import LabError, clinical_features, harmonize_labs, lab_category
+from hccfed.common.config import load_site_config
+from hccfed.common.schema import LABS, clinical_feature_names, early_recurrence_label, to_canonical
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,10 +4,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.manifest import ManifestError, read_manifest
-from client.prepare import prepare_site
-from common.config import load_site_config
-from conftest import private_site_copy
+from hccfed.client.manifest import ManifestError, read_manifest
+from hccfed.client.prepare import prepare_site
+from hccfed.common.config import load_site_config
+from site_fixtures import private_site_copy
 
 
 def _copy_site(tiny_cohort, tmp_path, index=1):

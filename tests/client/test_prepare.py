@@ -3,11 +3,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import client.prepare as prepare_module
-from client.prepare import peritumoral_ring, prepare_site
-from client.site_data import SPLITS, pooled_split, site_split, split_indices
-from common.config import Preprocessing, load_site_config
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
+import hccfed.client.prepare as prepare_module
+from hccfed.client.prepare import peritumoral_ring, prepare_site
+from hccfed.client.site_data import SPLITS, pooled_split, site_split, split_indices
+from hccfed.common.config import Preprocessing, load_site_config
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 
 @pytest.fixture(scope="module")

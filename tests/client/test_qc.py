@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-import client.prepare as prepare_module
-from client.prepare import PreparationError, prepare_site
-from client.qc import QCIssue, QCReport, read_qc_report
-from common.config import ConfigError, load_site_config
-from conftest import private_site_copy
-from simulation.dicom_export import write_dicom_series
+import hccfed.client.prepare as prepare_module
+from hccfed.client.prepare import PreparationError, prepare_site
+from hccfed.client.qc import QCIssue, QCReport, read_qc_report
+from hccfed.common.config import ConfigError, load_site_config
+from site_fixtures import private_site_copy
+from hccfed.simulation.dicom_export import write_dicom_series
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from client import radiomics
-from client.manifest import read_manifest
-from common.config import load_site_config
-from common.schema import PHASES
+from hccfed.client import radiomics
+from hccfed.client.manifest import read_manifest
+from hccfed.common.config import load_site_config
+from hccfed.common.schema import PHASES
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_ring_is_outside_tumour_within_ring_mm_and_perturbation_is_seeded():
 
 
 def test_second_reader_gives_same_names_other_values_and_federated_icc(site):
-    from client.stats_site import StatsSite, local_send
-    from server.federated_stats import federated_icc
+    from hccfed.client.stats_site import StatsSite, local_send
+    from hccfed.server.federated_stats import federated_icc
 
     ids = [str(p) for p in read_manifest(site).patient_ids[:3]]
     first = radiomics.extract_site(site, "fast", workers=1, progress=False, patient_ids=ids)

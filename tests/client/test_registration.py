@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import simulation.phantom as phantom
-from client.prepare import PatientJob, n4_correct, prepare_patient
-from client.qc import PatientQCError
-from client.registration import register_rigid
-from common.config import Preprocessing
-from common.schema import PHASES
-from simulation.cohort import DEFAULT_SITES, render_site_patient
+import hccfed.simulation.phantom as phantom
+from hccfed.client.prepare import PatientJob, n4_correct, prepare_patient
+from hccfed.client.qc import PatientQCError
+from hccfed.client.registration import register_rigid
+from hccfed.common.config import Preprocessing
+from hccfed.common.schema import PHASES
+from hccfed.simulation.cohort import DEFAULT_SITES, render_site_patient
 
 FOV = (200.0, 200.0, 120.0)
 
@@ -99,9 +99,9 @@ def test_unrelated_image_fails_registration_with_a_reason(monkeypatch):
 
 
 def _job(tiny_cohort, prep, index=0):
-    from client.manifest import read_manifest
-    from client.prepare import patient_jobs
-    from common.config import load_site_config
+    from hccfed.client.manifest import read_manifest
+    from hccfed.client.prepare import patient_jobs
+    from hccfed.common.config import load_site_config
 
     config = load_site_config(tiny_cohort[1][0])
     return dataclasses.replace(patient_jobs(config, read_manifest(config))[index], prep=prep)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from client.stats_site import StatsSite, assign_folds
+from hccfed.client.stats_site import StatsSite, assign_folds
 
 
 def test_non_finite_feature_is_named_and_unknown_op_rejected():

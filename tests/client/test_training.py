@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.privacy import (PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate,
+from hccfed.client.privacy import (PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate,
                             steps_per_epoch)
-from client.site_data import SplitData
-from client.training import TrainSettings, augment_batch, autocast_for, proximal_term, random_affine, train_local
-from common.models.fusion import build_model
+from hccfed.client.site_data import SplitData
+from hccfed.client.training import TrainSettings, augment_batch, autocast_for, proximal_term, random_affine, train_local
+from hccfed.common.models.fusion import build_model
 
 
 def _data(n=12, size=16, seed=0):
@@ -130,7 +130,7 @@ def test_privacy_budget_rejects_bad_values(kwargs):
 
 def test_dp_sgd_trains_the_risk_head_with_a_per_patient_survival_loss():
     """Under DP-SGD the risk head still learns (the exponential PH loss replaces Cox's partial likelihood)."""
-    from common.metrics.discrimination import harrell_c_index
+    from hccfed.common.metrics.discrimination import harrell_c_index
 
     g = torch.Generator().manual_seed(3)
     n = 96

@@ -22,7 +22,7 @@ from sklearn.calibration import calibration_curve as sk_calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
-from common.metrics.clinical import (
+from hccfed.common.metrics.clinical import (
     brier_score,
     calibration_curve,
     calibration_intercept_slope,
@@ -33,9 +33,9 @@ from common.metrics.clinical import (
     threshold_metrics,
     youden_threshold,
 )
-from common.metrics.discrimination import delong_ci
-from common.metrics.meta_analysis import dersimonian_laird
-from common.metrics.survival_clinical import (
+from hccfed.common.metrics.discrimination import delong_ci
+from hccfed.common.metrics.meta_analysis import dersimonian_laird
+from hccfed.common.metrics.survival_clinical import (
     kaplan_meier,
     logrank_test,
     risk_groups,
@@ -43,7 +43,7 @@ from common.metrics.survival_clinical import (
     time_dependent_auc,
 )
 
-REFDATA = Path(__file__).resolve().parents[3] / "shared" / "refdata"  # shared/ lies beside the repo
+REFDATA = Path(__file__).resolve().parents[1] / "data"  # tests/data: public reference data, see its README
 
 
 def _binary(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, RunConfig, load_site_config, parse_site_config, site_config_to_yaml
+from hccfed.common.config import ConfigError, RunConfig, load_site_config, parse_site_config, site_config_to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.config import ConfigError, RunConfig
+from hccfed.common.config import ConfigError, RunConfig
 
 
 def test_job_defaults_to_train_and_is_left_out_of_a_training_runs_config():

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.metrics import clinical as C
-from common.metrics import federated_clinical as F
-from common.metrics import federated_delong as FD
-from common.metrics import federated_survival as FS
-from common.metrics import survival_clinical as SC
-from common.metrics.discrimination import delong_ci, harrell_c_index
+from hccfed.common.metrics import clinical as C
+from hccfed.common.metrics import federated_clinical as F
+from hccfed.common.metrics import federated_delong as FD
+from hccfed.common.metrics import federated_survival as FS
+from hccfed.common.metrics import survival_clinical as SC
+from hccfed.common.metrics.discrimination import delong_ci, harrell_c_index
 
 GRID = F.ClinicalGrid()
 TOL = 1e-3
@@ -150,7 +150,7 @@ def test_laplace_noise_is_seeded_and_its_error_is_measured() -> None:
     clipped at 0, pull the AUC towards 0.5). Coarse grid (100 bins): AUC
     ~0.04, C-index ~0.03, Brier ~0.02, calibration slope ~0.006.
     """
-    from common.metrics.summaries import SummaryGrid
+    from hccfed.common.metrics.summaries import SummaryGrid
 
     coarse = F.ClinicalGrid(SummaryGrid(score_bins=100, cindex_score_bins=100, time_bin_months=1.0,
                                         time_max_months=60.0), prob_bins=100)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.models.losses import cox_partial_likelihood, weighted_bce
+from hccfed.common.models.losses import cox_partial_likelihood, weighted_bce
 
 
 def naive_breslow(log_risk, times, events):
@@ -60,7 +60,7 @@ def test_weighted_bce_ignores_unknown_labels():
 
 
 def test_exponential_hazards_nll_is_a_per_patient_sum_with_the_closed_form_optimum():
-    from common.models.losses import PRIOR_ANNUAL_HAZARD, exponential_hazards_nll
+    from hccfed.common.models.losses import PRIOR_ANNUAL_HAZARD, exponential_hazards_nll
 
     rng = np.random.default_rng(4)
     times = torch.tensor(rng.exponential(20, 50))

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
-from common.metrics.discrimination import (
+from hccfed.common.metrics.discrimination import (
     concordance_counts,
     delong_ci,
     harrell_c_index,
     roc_auc,
 )
-from common.metrics.summaries import (
+from hccfed.common.metrics.summaries import (
     roc_curve_from_summary,
     SummaryGrid,
     auc_from_summary,
@@ -32,7 +32,7 @@ from common.metrics.summaries import (
     site_summary,
 )
 
-REFDATA = Path(__file__).resolve().parents[3] / "shared" / "refdata"  # shared/ lies beside the repo
+REFDATA = Path(__file__).resolve().parents[1] / "data"  # tests/data: public reference data, see its README
 ASAH = REFDATA / "asah.csv"
 GRID = SummaryGrid()
 

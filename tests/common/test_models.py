@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.models.fusion import FusionNet, build_model
+from hccfed.common.models.fusion import FusionNet, build_model
 
 
 def test_fusion_outputs_two_heads_per_patient():
@@ -51,9 +51,9 @@ def test_no_batch_statistics_so_federated_averaging_is_complete():
 # ---------------------------------------------------------------- encoders
 from opacus.validators import ModuleValidator  # noqa: E402
 
-from common.models.fusion import ENCODERS, norm_parameter_names  # noqa: E402
-from common.models.resnet import ResNet10Encoder3d  # noqa: E402
-from common.models.vit import ViTEncoder3d, sinusoidal_position_code  # noqa: E402
+from hccfed.common.models.fusion import ENCODERS, norm_parameter_names  # noqa: E402
+from hccfed.common.models.resnet import ResNet10Encoder3d  # noqa: E402
+from hccfed.common.models.vit import ViTEncoder3d, sinusoidal_position_code  # noqa: E402
 
 TINY = {"cnn": {"width": 4}, "resnet10": {"width": 4}, "vit": {"width": 8, "patch_size": 8, "depth": 2, "heads": 2},
         "none": {}}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.record_codec import flatten, unflatten
+from hccfed.common.record_codec import flatten, unflatten
 
 
 def _assert_same(a, b, path="") -> None:

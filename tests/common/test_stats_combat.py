@@ -4,8 +4,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from client.stats_site import StatsSite, local_send
-from server.federated_stats import federated_combat
+from hccfed.client.stats_site import StatsSite, local_send
+from hccfed.server.federated_stats import federated_combat
 
 
 def _sites(rng):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.stats.icc import icc_contribution, icc_from_sums
-from common.stats.moments import add_contributions
+from hccfed.common.stats.icc import icc_contribution, icc_from_sums
+from hccfed.common.stats.moments import add_contributions
 
 
 def _reference(r: np.ndarray, kind: str) -> np.ndarray:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.stats import cox, regression
-from common.stats.moments import add_contributions
+from hccfed.common.stats import cox, regression
+from hccfed.common.stats.moments import add_contributions
 
 
 def _cox_fit(x, t, e, ties, width=0.1):

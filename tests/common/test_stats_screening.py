@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.stats.moments import add_contributions, correlation, mean_var, moment_contribution
-from common.stats.screening import correlation_filter, two_sample_tests
+from hccfed.common.stats.moments import add_contributions, correlation, mean_var, moment_contribution
+from hccfed.common.stats.screening import correlation_filter, two_sample_tests
 
 
 def _split(x, cuts=(17, 40)):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from client.stats_site import StatsSite, local_send
-from common.schema import early_recurrence_label
-from server import federated_stats as fs
-from simulation.cohort import DEFAULT_SITES, generate_tabular
+from hccfed.client.stats_site import StatsSite, local_send
+from hccfed.common.schema import early_recurrence_label
+from hccfed.server import federated_stats as fs
+from hccfed.simulation.cohort import DEFAULT_SITES, generate_tabular
 
 NAMES = ["age", "log_afp", "log_diameter", "extra_tumours", "child_pugh", "male"]
 

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from client.evaluation import clinical_summary, evaluation_summary
-from server.federated_eval import pooled_clinical_figures, pooled_figures
-from server.report import package_versions, write_report
+from hccfed.client.evaluation import clinical_summary, evaluation_summary
+from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
+from hccfed.server.report import package_versions, write_report
 
 
 def _sites(rng, strength, n=(80, 60)):

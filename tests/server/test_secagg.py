@@ -4,14 +4,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from client.client_app import app as client_app
-from client.federated import train_round
-from common.config import RunConfig
-from common.models.fusion import model_from_run_config
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from server.audit import read_audit
-from server.secagg import SecureAggregator
-from server.training_run import run_federated_training
+from hccfed.client.client_app import app as client_app
+from hccfed.client.federated import train_round
+from hccfed.common.config import RunConfig
+from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.server.audit import read_audit
+from hccfed.server.secagg import SecureAggregator
+from hccfed.server.training_run import run_federated_training
 
 
 def test_secure_aggregate_equals_plain_weighted_average(tiny_cohort, tmp_path, in_process_grid):

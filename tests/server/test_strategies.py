@@ -8,10 +8,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import ConfigError, RunConfig
-from server.strategies import (SeededFedAvg, base_strategy, make_strategy, restore_strategy_state, seeded_sample,
+from hccfed.common.config import ConfigError, RunConfig
+from hccfed.server.strategies import (SeededFedAvg, base_strategy, make_strategy, restore_strategy_state, seeded_sample,
                                strategy_state)
-from server.update_validation import check_train_reply, validate_train_replies
+from hccfed.server.update_validation import check_train_reply, validate_train_replies
 
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))})
 

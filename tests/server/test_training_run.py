@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from client.client_app import app as client_app
-from common.config import ConfigError, RunConfig
-from server.checkpoints import load_checkpoint
-from server.training_run import run_federated_training
+from hccfed.client.client_app import app as client_app
+from hccfed.common.config import ConfigError, RunConfig
+from hccfed.server.checkpoints import load_checkpoint
+from hccfed.server.training_run import run_federated_training
 
 ROUNDS = 2
 

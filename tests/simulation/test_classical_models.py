@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from client.site_data import split_indices
-from common.config import load_site_config
-from simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models, tabular_site
+from hccfed.client.site_data import split_indices
+from hccfed.common.config import load_site_config
+from hccfed.simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models, tabular_site
 
 
 def _sites(seed=0):

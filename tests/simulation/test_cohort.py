@@ -24,10 +24,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from common.config import load_site_config
-from common.schema import (CATEGORIES, LABS, MASK_COLUMN, PHASES, early_recurrence_label, image_column,
+from hccfed.common.config import load_site_config
+from hccfed.common.schema import (CATEGORIES, LABS, MASK_COLUMN, PHASES, early_recurrence_label, image_column,
                            manifest_columns, to_canonical)
-from simulation.cohort import (DEFAULT_SITES, generate_tabular, oracle_path, render_site_patient,
+from hccfed.simulation.cohort import (DEFAULT_SITES, generate_tabular, oracle_path, render_site_patient,
                                synthesize_cohort, true_risk)
 
 SIZES = {"hospital_a": 200, "hospital_b": 120, "hospital_c": 80}

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics.summaries import SummaryGrid
-from common.models.fusion import build_model
-from common.schema import IMAGE_CHANNELS, clinical_feature_names
-from client.evaluation import clinical_summary
-from server.audit import read_audit
-from client.site_data import SplitData
-from common.metrics.clinical import delong_paired_test
-from simulation.simulate import SimulationSettings, TestPredictions, paired_delong_tests, simulate
+from hccfed.common.metrics.summaries import SummaryGrid
+from hccfed.common.models.fusion import build_model
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.client.evaluation import clinical_summary
+from hccfed.server.audit import read_audit
+from hccfed.client.site_data import SplitData
+from hccfed.common.metrics.clinical import delong_paired_test
+from hccfed.simulation.simulate import SimulationSettings, TestPredictions, paired_delong_tests, simulate
 
 ROUNDS = 2
 

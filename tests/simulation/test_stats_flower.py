@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from client.classical_site import load_classical_site
-from client.evaluation import clinical_summary
-from common.config import load_site_config
-from server.audit import read_audit
-from server.pool_summaries import jsonable
-from simulation.classical_models import flower_stats_run, run_classical_models
-from simulation.cohort import DEFAULT_SITES, synthesize_cohort
-from simulation.simulate import SimulationSettings, effective_site_configs
+from hccfed.client.classical_site import load_classical_site
+from hccfed.client.evaluation import clinical_summary
+from hccfed.common.config import load_site_config
+from hccfed.server.audit import read_audit
+from hccfed.server.pool_summaries import jsonable
+from hccfed.simulation.classical_models import flower_stats_run, run_classical_models
+from hccfed.simulation.cohort import DEFAULT_SITES, synthesize_cohort
+from hccfed.simulation.simulate import SimulationSettings, effective_site_configs
 
 pytestmark = pytest.mark.slow  # one real Flower run, about 100 s on 2 cores
 
