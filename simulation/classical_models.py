@@ -156,7 +156,7 @@ def flower_stats_run(site_yamls: list, run_dir: Path, seed: int = 0, harmonize: 
     return out
 
 
-if __name__ == "__main__":  # python -m simulation.classical_models: the ComBat comparison on data/synthetic
+if __name__ == "__main__":  # python -m hccfed.simulation.classical_models: the ComBat comparison on data/synthetic
     import json
 
     print(json.dumps(harmonization_effect(), indent=2, default=float))
