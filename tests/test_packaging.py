@@ -1,6 +1,7 @@
 """What `pip install .` puts into site-packages, and what the tests may read."""
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -33,9 +34,16 @@ def test_flower_components_point_at_the_namespace():
 
 @pytest.mark.slow
 def test_a_wheel_has_no_generic_top_level_package(tmp_path):
-    """The wheel `pip install .` installs: hccfed/ and the hccfed_cli module, nothing else at the top."""
+    """The wheel `pip install .` installs: hccfed/ and the hccfed_cli module, nothing else at the top.
+    Built from a copy, as setuptools writes build/ and *.egg-info into the folder it builds."""
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in FOLDERS:
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "hccfed_cli.py"):
+        shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("hccfed-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
