@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from hccfed.client.prepare import prepare_site
-    from hccfed.common.config import load_site_config
+    from hccfed.common.site_config import load_site_config
 
     config = load_site_config(args.site)
     site = prepare_site(config, workers=args.workers)
@@ -54,24 +55,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from hccfed.common.run_config import RunConfig, from_arguments
     from hccfed.simulation.simulate import SimulationSettings, simulate
 
-    defaults = SimulationSettings()
-    settings = SimulationSettings(
-        data_dir=Path(args.data_dir) if args.data_dir else defaults.data_dir,
-        runs_dir=Path(args.runs_dir) if args.runs_dir else defaults.runs_dir,
-        seed=args.seed, rounds=args.rounds, local_epochs=args.local_epochs,
-        encoder_width=args.encoder_width, run_id=args.run_id, workers=args.workers,
-        baselines=not args.no_baselines, encoder=args.encoder, vit_patch_size=args.vit_patch_size,
-        vit_depth=args.vit_depth, vit_heads=args.vit_heads, augment=args.augment, strategy=args.strategy,
-        proximal_mu=args.proximal_mu, server_learning_rate=args.server_learning_rate, local_norm=args.local_norm,
-        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
-        central_dp_noise=args.central_dp_noise, central_dp_clipping_norm=args.central_dp_clipping_norm,
-        secagg=args.secagg, resume=args.resume, external=args.external,
-        compare_dp_epsilon=args.compare_dp, classical=not args.no_classical,
-    )
     if args.resume and not args.run_id:
         raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
+    settings = from_arguments(args, SimulationSettings, run=from_arguments(args, RunConfig))
     run_dir = simulate(settings)
     print(f"report: {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
     return 0
@@ -99,19 +88,18 @@ def _stats(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from hccfed.client.radiomics import extract_site
-    from hccfed.common.config import load_site_config
+    from hccfed.common.site_config import load_site_config
     from hccfed.simulation.classical_models import flower_stats_run
-    from hccfed.simulation.simulate import SimulationSettings, effective_site_configs, ensure_cohort
+    from hccfed.common.run_config import RunConfig
+    from hccfed.simulation.settings import SimulationSettings, effective_site_configs, ensure_cohort
 
-    def say(message: str) -> None:
-        print(f"[hccfed {datetime.now():%H:%M:%S}] {message}", flush=True)
-
+    say = logging.getLogger("hccfed.stats").info
     defaults = SimulationSettings()
     settings = SimulationSettings(data_dir=Path(args.data_dir) if args.data_dir else defaults.data_dir,
                                   runs_dir=Path(args.runs_dir) if args.runs_dir else defaults.runs_dir,
-                                  seed=args.seed, workers=args.workers)
+                                  run=RunConfig(seed=args.seed), workers=args.workers)
     run_dir = settings.runs_dir / (args.run_id or f"stats-{datetime.now():%Y%m%d-%H%M%S}")
-    ensure_cohort(settings, say)
+    ensure_cohort(settings)
     yamls = effective_site_configs(settings, run_dir)
     for path in yamls:  # each hospital's radiomics, once, with all cores (the sites then read their cache)
         config = load_site_config(path)
@@ -130,6 +118,16 @@ def _stats(args: argparse.Namespace) -> int:
             f"C-index {test['c_index']:.3f}; {len(model['features'])} features")
     print(f"results: {out}\nmessages audit: {out.parent / 'messages_audit.jsonl'}")
     return 0
+
+
+def _add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulation's own flags, then the run's: both derived from their one definition
+    (``SimulationSettings`` and ``RunConfig``'s fields)."""
+    from hccfed.common.run_config import RunConfig, add_arguments
+    from hccfed.simulation.settings import SimulationSettings
+
+    add_arguments(parser, SimulationSettings)
+    add_arguments(parser, RunConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,43 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
-    simulate.add_argument("--rounds", type=int, default=30)
-    simulate.add_argument("--local-epochs", type=int, default=1)
-    simulate.add_argument("--encoder-width", type=int, default=12)
-    simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--data-dir", default=None, help="synthetic cohort folder (default: data/synthetic)")
-    simulate.add_argument("--runs-dir", default=None, help="where runs/<id>/ goes (default: runs)")
-    simulate.add_argument("--run-id", default=None)
-    simulate.add_argument("--workers", type=int, default=None)
-    simulate.add_argument("--no-baselines", action="store_true", help="federated model only")
-    simulate.add_argument("--no-classical", action="store_true",
-                          help="skip the classical CR / R / RCR models (radiomics extraction)")
-    simulate.add_argument("--external", default=None, metavar="SITE",
-                          help="external validation: train on the other hospitals, test on every patient of SITE")
-    model = simulate.add_argument_group("model")
-    model.add_argument("--encoder", choices=("cnn", "resnet10", "vit", "none"), default="cnn",
-                       help="image encoder (default cnn; --encoder-width is the ViT's token width)")
-    model.add_argument("--vit-patch-size", type=int, default=8)
-    model.add_argument("--vit-depth", type=int, default=4)
-    model.add_argument("--vit-heads", type=int, default=4)
-    model.add_argument("--augment", choices=("flip-shift", "affine", "none"), default="flip-shift")
-    fed = simulate.add_argument_group("federation")
-    fed.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
-    fed.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
-    fed.add_argument("--server-learning-rate", type=float, default=0.01, help="FedAdam's server step")
-    fed.add_argument("--local-norm", action="store_true", help="FedBN-style: sites keep their norm parameters")
-    fed.add_argument("--secagg", action="store_true", help="SecAgg+ secure aggregation (fedavg/fedprox only)")
-    fed.add_argument("--resume", action="store_true", help="continue the interrupted run named by --run-id")
-    privacy = simulate.add_argument_group("privacy")
-    privacy.add_argument("--dp-epsilon", type=float, default=0.0, help="local DP-SGD target epsilon (0: off)")
-    privacy.add_argument("--dp-delta", type=float, default=1e-5)
-    privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    privacy.add_argument("--central-dp-noise", type=float, default=0.0,
-                         help="server-side central DP noise multiplier (0: off)")
-    privacy.add_argument("--central-dp-clipping-norm", type=float, default=1.0)
-    privacy.add_argument("--compare-dp", type=float, default=8.0, metavar="EPSILON",
-                         help="also train the federated model with DP-SGD at this epsilon per site and report it "
-                              "beside the non-private one (default 8; 0: skip)")
+    _add_simulate_arguments(simulate)
     simulate.set_defaults(func=_simulate)
 
     site = sub.add_parser("site-summary", help="a hospital's aggregate-only evaluation summary of a predictions CSV")
@@ -221,8 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """Progress lines on stderr as ``[hccfed HH:MM:SS] message``; the library only logs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[hccfed %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger("hccfed")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

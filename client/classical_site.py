@@ -37,7 +37,7 @@ from hccfed.client.evaluation import clinical_summary
 from hccfed.client.radiomics import REGIONS, RadiomicsTable, extract_site
 from hccfed.client.site_data import split_indices
 from hccfed.client.stats_site import StatsSite
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import PHASES
 from hccfed.common.stats import combat
 
@@ -266,7 +266,7 @@ def cached_endpoint(site_yaml: str, seed: int, n_folds: int, radiomics: str | No
                     ) -> ClassicalStatsSite:
     """This process's endpoint for a site in one run: built on the run's first request, kept for the run
     (a new run reads the site's data again)."""
-    from hccfed.common.config import load_site_config
+    from hccfed.common.site_config import load_site_config
 
     key = (run_key, str(site_yaml), int(seed), int(n_folds), radiomics)
     if key not in _ENDPOINTS:

@@ -11,7 +11,7 @@ from hccfed.client.classical_site import cached_endpoint
 from hccfed.client.evaluation import CLINICAL_PREFIX
 from hccfed.client.federated import evaluate_round, site_config_path, site_id_of, train_round
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 from hccfed.common.record_codec import flatten, unflatten
 
 app = ClientApp()

@@ -29,7 +29,9 @@ from hccfed.client.site_radiomics import attach_radiomics
 from hccfed.client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
     steps_per_epoch
 from hccfed.client.training import TrainSettings, detect_device, predict, train_local
-from hccfed.common.config import ConfigError, RunConfig, load_site_config
+from hccfed.common.errors import ConfigError
+from hccfed.common.run_config import RunConfig
+from hccfed.common.site_config import load_site_config
 from hccfed.common.models.fusion import model_from_run_config, norm_parameter_names
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 

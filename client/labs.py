@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import HEPATITIS_TYPES, LAB_CATEGORY_CODES, LABS, clinical_feature_names, to_canonical
 
 

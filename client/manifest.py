@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hccfed.client.qc import QCIssue, unit_column
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import CATEGORIES, CLINICAL_COLUMNS, LABS, OUTCOME_COLUMNS
 
 

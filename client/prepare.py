@@ -44,7 +44,7 @@ from hccfed.client.labs import clinical_features, harmonize_labs
 from hccfed.client.manifest import Manifest, read_manifest
 from hccfed.client.qc import PatientQCError, QCIssue, QCReport, check_labs
 from hccfed.client.registration import register_rigid
-from hccfed.common.config import Preprocessing, SiteConfig
+from hccfed.common.site_config import Preprocessing, SiteConfig
 from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
 PREPARE_VERSION = "3"

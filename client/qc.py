@@ -3,7 +3,7 @@
 Problems with one patient (a missing or unreadable volume, an empty mask, a
 failed registration, an implausible lab, a missing outcome) exclude that
 patient and are recorded here; they never stop the site. Problems with the
-site's configuration stop it (``common.config.ConfigError``).
+site's configuration stop it (``hccfed.common.errors.ConfigError``).
 
 The report is written as CSV and JSON in the site's cache folder (never in the
 hospital's data folder). Each entry names the patient, the reason code, the
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import LABS
 
 #: Reason codes, with what a user should do about each.

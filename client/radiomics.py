@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from hccfed.client.ingest import read_volume
 from hccfed.client.manifest import read_manifest
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import PHASES
 
 RADIOMICS_VERSION = "1"

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hccfed.client.qc import PatientQCError
-from hccfed.common.config import Preprocessing
+from hccfed.common.site_config import Preprocessing
 
 SAMPLING_SEED = 20260601
 

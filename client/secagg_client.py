@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from hccfed.client.federated import train_round
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from hccfed.client.prepare import PreparedSite
 from hccfed.client.radiomics import extract_site
-from hccfed.common.config import SiteConfig
+from hccfed.common.site_config import SiteConfig
 
 
 def attach_radiomics(site: PreparedSite, config: SiteConfig, names: Sequence[str], params: str = "fast",

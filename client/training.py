@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from hccfed.client.site_data import SplitData
 from hccfed.common.models.losses import cox_partial_likelihood, exponential_hazards_nll, weighted_bce
+from hccfed.common.run_config import AUGMENTATIONS
 
 if TYPE_CHECKING:
     from hccfed.client.privacy import PrivateTraining
 
-AUGMENTATIONS = ("flip-shift", "affine", "none")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 
 FOLDER = "checkpoints"
 

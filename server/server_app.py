@@ -8,7 +8,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 from hccfed.server.stats_job import run_federated_stats
 from hccfed.server.training_run import run_federated_training
 

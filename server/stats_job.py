@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 from hccfed.server.audit import AuditingGrid
 from hccfed.server.classical_models import results_json, run_classical_models
 from hccfed.server.stats_messages import FlowerSend

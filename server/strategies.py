@@ -21,9 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import STRATEGIES, RunConfig
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _PURPOSES = {MessageType.TRAIN: 1, MessageType.EVALUATE: 2}
 
 

@@ -31,7 +31,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.errors import ConfigError
+from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.audit import AuditingGrid

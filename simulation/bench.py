@@ -31,7 +31,7 @@ from hccfed.client.radiomics import extract_site
 from hccfed.client.site_data import site_split
 from hccfed.client.privacy import PrivateTraining
 from hccfed.client.training import TrainSettings, train_local
-from hccfed.common.config import load_site_config, site_config_to_yaml
+from hccfed.common.site_config import load_site_config, site_config_to_yaml
 from hccfed.common.metrics.summaries import SummaryGrid, site_summary
 from hccfed.common.models.fusion import build_model
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names

@@ -21,7 +21,7 @@ from hccfed.client.classical_site import (ClassicalSite, add_second_reader, join
                                    local_endpoints, score_model, tabular_site)
 from hccfed.client.radiomics import extract_site
 from hccfed.client.stats_site import local_send
-from hccfed.common.config import SiteConfig, load_site_config
+from hccfed.common.site_config import SiteConfig, load_site_config
 from hccfed.server import classical_models as cm
 
 __all__ = ["ClassicalSite", "LinearModel", "run_classical_models", "tabular_site",
@@ -138,7 +138,7 @@ def flower_stats_run(site_yamls: list, run_dir: Path, seed: int = 0, harmonize: 
     Writes under ``run_dir``: ``stats/federated_stats.json`` (returned), ``stats/messages_audit.jsonl``
     and ``flower.log``.
     """
-    from hccfed.common.config import RunConfig
+    from hccfed.common.run_config import RunConfig
     from hccfed.server.stats_job import RESULTS_FILE
     from hccfed.simulation.flower_runner import flwr_run
 

@@ -44,7 +44,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.common.schema import (EARLY_RECURRENCE_MONTHS, HEPATITIS_TYPES, LABS, MASK_COLUMN, PHASES,
                            image_column, manifest_columns, to_canonical)
 from hccfed.simulation.phantom import RenderedPatient, Scanner, TumourSpec, render_patient

@@ -10,7 +10,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from hccfed.common.config import SiteConfig, load_site_config, site_config_to_yaml
+from hccfed.common.site_config import SiteConfig, load_site_config, site_config_to_yaml
 from hccfed.simulation.cohort import DEFAULT_SITES
 
 TINY_SIZES = {"hospital_a": 14, "hospital_b": 11, "hospital_c": 9}

@@ -23,11 +23,11 @@ from torch import nn
 
 from hccfed.common.models.resnet import ResNet10Encoder3d
 from hccfed.common.models.vit import ViTEncoder3d
+from hccfed.common.run_config import ENCODERS
 
 if TYPE_CHECKING:
-    from hccfed.common.config import RunConfig
+    from hccfed.common.run_config import RunConfig
 
-ENCODERS = ("cnn", "resnet10", "vit", "none")
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
 

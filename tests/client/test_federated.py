@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hccfed.client.federated import evaluate_round, site_config_path, train_round
-from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.errors import ConfigError
+from hccfed.common.run_config import RunConfig
 from hccfed.common.metrics.summaries import SummaryGrid
 from hccfed.common.models.fusion import build_model
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
@@ -110,7 +111,7 @@ def test_the_fusion_model_takes_the_sites_standardised_radiomics(tiny_cohort):
     from hccfed.client.radiomics import extract_site
     from hccfed.client.site_data import site_split
     from hccfed.client.site_radiomics import attach_radiomics
-    from hccfed.common.config import load_site_config
+    from hccfed.common.site_config import load_site_config
     from hccfed.common.models.fusion import model_from_run_config
 
     yaml = tiny_cohort[1][2]

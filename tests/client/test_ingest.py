@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from hccfed.client.ingest import check_mask, check_overlap, read_volume
 from hccfed.client.prepare import prepare_site
 from hccfed.client.qc import PatientQCError
-from hccfed.common.config import load_site_config, site_config_to_yaml
+from hccfed.common.site_config import load_site_config, site_config_to_yaml
 from hccfed.simulation.dicom_export import export_site_dicom
 
 

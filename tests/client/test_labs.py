@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from hccfed.client.labs import LabError, clinical_features, harmonize_labs, lab_category
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.common.schema import LABS, clinical_feature_names, early_recurrence_label, to_canonical
 
 REPO = Path(__file__).resolve().parents[2]

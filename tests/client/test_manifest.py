@@ -6,7 +6,7 @@ import pytest
 
 from hccfed.client.manifest import ManifestError, read_manifest
 from hccfed.client.prepare import prepare_site
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from site_fixtures import private_site_copy
 
 

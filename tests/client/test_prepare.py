@@ -6,7 +6,7 @@ import pytest
 import hccfed.client.prepare as prepare_module
 from hccfed.client.prepare import peritumoral_ring, prepare_site
 from hccfed.client.site_data import SPLITS, pooled_split, site_split, split_indices
-from hccfed.common.config import Preprocessing, load_site_config
+from hccfed.common.site_config import Preprocessing, load_site_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import hccfed.client.prepare as prepare_module
 from hccfed.client.prepare import PreparationError, prepare_site
 from hccfed.client.qc import QCIssue, QCReport, read_qc_report
-from hccfed.common.config import ConfigError, load_site_config
+from hccfed.common.errors import ConfigError
+from hccfed.common.site_config import load_site_config
 from site_fixtures import private_site_copy
 from hccfed.simulation.dicom_export import write_dicom_series
 

@@ -5,7 +5,7 @@ import pytest
 
 from hccfed.client import radiomics
 from hccfed.client.manifest import read_manifest
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.common.schema import PHASES
 
 

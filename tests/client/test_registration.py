@@ -10,7 +10,7 @@ import hccfed.simulation.phantom as phantom
 from hccfed.client.prepare import PatientJob, n4_correct, prepare_patient
 from hccfed.client.qc import PatientQCError
 from hccfed.client.registration import register_rigid
-from hccfed.common.config import Preprocessing
+from hccfed.common.site_config import Preprocessing
 from hccfed.common.schema import PHASES
 from hccfed.simulation.cohort import DEFAULT_SITES, render_site_patient
 
@@ -101,7 +101,7 @@ def test_unrelated_image_fails_registration_with_a_reason(monkeypatch):
 def _job(tiny_cohort, prep, index=0):
     from hccfed.client.manifest import read_manifest
     from hccfed.client.prepare import patient_jobs
-    from hccfed.common.config import load_site_config
+    from hccfed.common.site_config import load_site_config
 
     config = load_site_config(tiny_cohort[1][0])
     return dataclasses.replace(patient_jobs(config, read_manifest(config))[index], prep=prep)

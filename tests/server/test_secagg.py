@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from hccfed.client.client_app import app as client_app
 from hccfed.client.federated import train_round
-from hccfed.common.config import RunConfig
+from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.audit import read_audit

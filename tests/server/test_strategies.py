@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
-from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.errors import ConfigError
+from hccfed.common.run_config import RunConfig
 from hccfed.server.strategies import (SeededFedAvg, base_strategy, make_strategy, restore_strategy_state, seeded_sample,
                                strategy_state)
 from hccfed.server.update_validation import check_train_reply, validate_train_replies

@@ -13,7 +13,8 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from hccfed.client.client_app import app as client_app
-from hccfed.common.config import ConfigError, RunConfig
+from hccfed.common.errors import ConfigError
+from hccfed.common.run_config import RunConfig
 from hccfed.server.checkpoints import load_checkpoint
 from hccfed.server.training_run import run_federated_training
 

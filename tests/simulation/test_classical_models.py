@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hccfed.client.site_data import split_indices
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models, tabular_site
 
 

@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.common.schema import (CATEGORIES, LABS, MASK_COLUMN, PHASES, early_recurrence_label, image_column,
                            manifest_columns, to_canonical)
 from hccfed.simulation.cohort import (DEFAULT_SITES, generate_tabular, oracle_path, render_site_patient,

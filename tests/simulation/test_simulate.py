@@ -18,7 +18,10 @@ from hccfed.client.evaluation import clinical_summary
 from hccfed.server.audit import read_audit
 from hccfed.client.site_data import SplitData
 from hccfed.common.metrics.clinical import delong_paired_test
-from hccfed.simulation.simulate import SimulationSettings, TestPredictions, paired_delong_tests, simulate
+from hccfed.common.run_config import RunConfig
+from hccfed.simulation.evaluation import TestPredictions, paired_delong_tests
+from hccfed.simulation.settings import SimulationSettings
+from hccfed.simulation.simulate import simulate
 
 ROUNDS = 2
 
@@ -28,10 +31,10 @@ def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
     data_dir, _ = tiny_cohort
     root = tmp_path_factory.mktemp("sim")
     settings = SimulationSettings(data_dir=data_dir, runs_dir=root / "runs", cache_dir=root / "cache",
-                                  seed=7, rounds=ROUNDS, batch_size=4, encoder_width=4,
+                                  run=RunConfig(seed=7, num_server_rounds=ROUNDS, batch_size=4, encoder_width=4),
                                   sites=tiny_site_profiles, run_id="tiny", workers=1,
                                   classical=False)  # CR / R / RCR: tests/simulation/test_classical_models.py
-    return simulate(settings, echo=lambda line: None)
+    return simulate(settings)
 
 
 @pytest.mark.slow
@@ -157,7 +160,7 @@ def test_paired_delong_from_two_summary_rounds_equals_the_pooled_test():
 def test_external_site_must_exist(tmp_path):
     settings = SimulationSettings(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", external="hospital_x")
     with pytest.raises(ValueError, match="hospital_x.*no such site"):
-        simulate(settings, echo=lambda line: None)
+        simulate(settings)
     assert not (tmp_path / "data").exists()  # refused before any work
 
 
@@ -165,10 +168,11 @@ def test_external_site_must_exist(tmp_path):
 def test_external_validation_trains_without_the_held_out_site(tiny_cohort, tiny_site_profiles, tmp_path):
     data_dir, _ = tiny_cohort
     settings = SimulationSettings(data_dir=data_dir, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
-                                  seed=7, rounds=1, batch_size=4, encoder_width=4, sites=tiny_site_profiles,
+                                  run=RunConfig(seed=7, num_server_rounds=1, batch_size=4, encoder_width=4),
+                                  sites=tiny_site_profiles,
                                   run_id="external", workers=1, external="hospital_c",
                                   compare_dp_epsilon=0.0, classical=False)
-    run_dir = simulate(settings, echo=lambda line: None)
+    run_dir = simulate(settings)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     held = metrics["sites"]["hospital_c"]
     assert held["role"] == "external test" and metrics["evaluation"]["kind"] == "external"

@@ -12,12 +12,12 @@ import pytest
 
 from hccfed.client.classical_site import load_classical_site
 from hccfed.client.evaluation import clinical_summary
-from hccfed.common.config import load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.server.audit import read_audit
 from hccfed.server.pool_summaries import jsonable
 from hccfed.simulation.classical_models import flower_stats_run, run_classical_models
 from hccfed.simulation.cohort import DEFAULT_SITES, synthesize_cohort
-from hccfed.simulation.simulate import SimulationSettings, effective_site_configs
+from hccfed.simulation.settings import SimulationSettings, effective_site_configs
 
 pytestmark = pytest.mark.slow  # one real Flower run, about 100 s on 2 cores
 

@@ -1,9 +1,7 @@
-"""Typed configuration: one site's YAML and the run-wide Flower config.
+"""One hospital's configuration: its YAML, plain data parsed into a frozen ``SiteConfig``.
 
-A site's YAML is plain data parsed into a frozen ``SiteConfig``; every error
-names the file and the key. The run-wide values come from
-``[tool.flwr.app.config]`` (or ``--run-config`` overrides) and are parsed once
-into a frozen ``RunConfig``.
+Every error names the file and the key. The run-wide values are in
+:mod:`hccfed.common.run_config`.
 """
 
 from __future__ import annotations
@@ -14,15 +12,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from hccfed.common.errors import ConfigError
 from hccfed.common.schema import LABS, PHASES, image_column
 
 TREATMENTS = ("resection", "ablation", "transplant")
 NORMALISATIONS = ("zscore_ring", "zscore_box")
-JOBS = ("train", "stats", "stats-combat")
-
-
-class ConfigError(ValueError):
-    """A configuration file is wrong; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -239,130 +233,3 @@ def site_config_to_yaml(config: SiteConfig) -> str:
         "labs": {k: {"unit": v.unit, "lower": v.lower, "upper": v.upper} for k, v in config.labs.items()},
     }
     return yaml.safe_dump(raw, sort_keys=False)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Run-wide settings, from ``[tool.flwr.app.config]`` and ``--run-config``.
-
-    Keys use Flower's kebab-case (``num-server-rounds``); unknown keys are
-    rejected so a typo never silently falls back to a default.
-    """
-
-    num_server_rounds: int = 30
-    local_epochs: int = 1
-    learning_rate: float = 0.002
-    batch_size: int = 16
-    seed: int = 0
-    encoder: str = "cnn"
-    encoder_width: int = 12
-    site_configs: tuple[str, ...] = ()
-    run_dir: str = "runs/flwr-run"
-    # ViT encoder only (encoder-width is its token width, a multiple of vit-heads).
-    vit_patch_size: int = 8
-    vit_depth: int = 4
-    vit_heads: int = 4
-    # Local augmentation: "flip-shift" (mirror flips + small shifts), "affine"
-    # (MONAI-style: small rotations, scaling, flips, shifts), or "none".
-    augment: str = "flip-shift"
-    # Aggregation: "fedavg", "fedprox" (proximal-mu at the sites), "fedadam"
-    # (server-side Adam, server-learning-rate); weighted by training patients.
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    # FedBN-style: each site keeps its own GroupNorm / LayerNorm parameters.
-    local_norm: bool = False
-    # Fraction of sites sampled per round (seeded by `seed`).
-    fraction_train: float = 1.0
-    # Local DP-SGD (Opacus) when dp-epsilon > 0: the target (epsilon, dp-delta)
-    # over the planned rounds x local epochs, per-sample clipping at
-    # dp-max-grad-norm; dp-sites: comma-separated site ids (empty: all sites).
-    dp_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_sites: tuple[str, ...] = ()
-    # Central DP at the server (fixed clipping) when central-dp-noise > 0.
-    central_dp_noise: float = 0.0
-    central_dp_clipping_norm: float = 1.0
-    # SecAgg+ (legacy Flower workflow; see server/secagg.py).
-    secagg: bool = False
-    # Continue an interrupted run from the last checkpoint under run-dir.
-    resume: bool = False
-    # What the ServerApp runs: "train" (federated training), "stats" (the classical CR / R / RCR models
-    # by federated statistics) or "stats-combat" (the same, radiomics harmonised by federated ComBat first).
-    job: str = "train"
-    # Radiomics in the fusion model: comma-separated feature names (``<phase>_<region>_<feature>``,
-    # e.g. the ones the federated R model selected; empty: none), extracted at each site with
-    # ``radiomics-params`` ("fast", "full" or a path) and standardised against the site's own patients.
-    radiomics_features: tuple[str, ...] = ()
-    radiomics_params: str = "fast"
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ConfigError(f"run config: unknown keys {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            f = known[key]
-            if f.name in ("site_configs", "dp_sites", "radiomics_features"):
-                value = tuple(s.strip() for s in str(value).split(",") if s.strip())
-            elif f.type in ("bool", bool):
-                value = _parse_bool(key, value)
-            elif f.type in ("int", int):
-                value = int(value)
-            elif f.type in ("float", float):
-                value = float(value)
-            else:
-                value = str(value)
-            values[f.name] = value
-        config = cls(**values)
-        if config.num_server_rounds < 1 or config.local_epochs < 1 or config.batch_size < 1:
-            raise ConfigError("run config: num-server-rounds, local-epochs and batch-size must be >= 1")
-        config.check_training_choices()
-        return config
-
-    def check_training_choices(self) -> None:
-        """Reject unknown encoder / strategy / augmentation names and out-of-range values."""
-        choices = {"encoder": ("cnn", "resnet10", "vit", "none"), "strategy": ("fedavg", "fedprox", "fedadam"),
-                   "augment": ("flip-shift", "affine", "none"), "job": JOBS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"run config: '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(f"run config: 'fraction-train' must be in (0, 1], got {self.fraction_train}")
-        if self.dp_epsilon < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_max_grad_norm <= 0:
-            raise ConfigError("run config: need dp-epsilon >= 0, 0 < dp-delta < 1 and dp-max-grad-norm > 0, got "
-                              f"{self.dp_epsilon}, {self.dp_delta}, {self.dp_max_grad_norm}")
-        if self.central_dp_noise < 0 or self.central_dp_clipping_norm <= 0:
-            raise ConfigError("run config: need central-dp-noise >= 0 and central-dp-clipping-norm > 0")
-        if self.proximal_mu < 0 or self.server_learning_rate <= 0:
-            raise ConfigError("run config: need proximal-mu >= 0 and server-learning-rate > 0")
-        if self.secagg and (self.strategy == "fedadam" or self.central_dp_noise > 0 or self.fraction_train < 1):
-            raise ConfigError("run config: 'secagg' works with strategy fedavg or fedprox, every site training "
-                              "(fraction-train 1) and no central DP: the server only sees the masked sum")
-
-    def to_flwr(self) -> dict[str, Any]:
-        """The ``--run-config`` form (kebab-case keys, Flower-compatible values).
-
-        ``job`` is left out when it is "train", the default, so a training run's config reads as before.
-        """
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "job" and value == JOBS[0]:
-                continue
-            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
-        return out
-
-
-def _parse_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise ConfigError(f"run config: key '{key}' must be true or false, got {value!r}")

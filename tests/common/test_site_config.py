@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hccfed.common.config import ConfigError, RunConfig, load_site_config, parse_site_config, site_config_to_yaml
+from hccfed.common.errors import ConfigError
+from hccfed.common.site_config import load_site_config, parse_site_config, site_config_to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,11 +53,3 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(site_config_to_yaml(config))
     again = load_site_config(path)
     assert again.labs == config.labs and again.data_root == config.data_root
-
-
-def test_run_config_parses_flower_values_and_rejects_typos():
-    config = RunConfig.from_mapping({"num-server-rounds": 3, "site-configs": "a.yaml, b.yaml", "learning-rate": 0.01})
-    assert config.num_server_rounds == 3 and config.site_configs == ("a.yaml", "b.yaml")
-    assert RunConfig.from_mapping(config.to_flwr()) == config
-    with pytest.raises(ConfigError, match="num-server-round"):
-        RunConfig.from_mapping({"num-server-round": 3})

@@ -1,0 +1,102 @@
+"""The references a federation is judged against, trained in this process on the same code path.
+
+The centralized model on the pooled training data, each hospital alone, clinical-only and
+image-only models (same fusion network and training loop as the sites, same budget and
+model-selection rule as the federated run), and the seeds' clinical logistic regression.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from hccfed.client.evaluation import evaluation_summary
+from hccfed.client.prepare import PreparedSite
+from hccfed.client.site_data import pooled_split, site_split
+from hccfed.client.training import TrainSettings, predict, train_local
+from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.run_config import RunConfig
+from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+from hccfed.server.federated_eval import pooled_figures
+from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test, evaluate_scores
+
+log = logging.getLogger("hccfed.simulate")
+
+
+def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> float:
+    summaries = []
+    for site in sites:
+        data = site_split(site, "val", seed)
+        logits, risks = predict(model, data)
+        summaries.append(evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(),
+                                            data.events.numpy()))
+    return pooled_figures(summaries).get("auc", float("nan"))
+
+
+def train_reference(name: str, sites_for_training: list[PreparedSite], sets: EvaluationSets,
+                    run: RunConfig, encoder: str,
+                    book: TestPredictions | None = None, clinical: bool = True,
+                    radiomics: bool = True) -> dict[str, Any]:
+    """Train one in-process reference model and test it.
+
+    The same budget and rule as the federated model: ``rounds`` steps of
+    ``local_epochs`` epochs (a fresh optimizer each step, as a site gets each
+    round), keeping the step with the best validation AUC on the training
+    sites' own validation splits (all a hospital alone would have).
+    """
+    started = time.time()
+    n_clinical = len(clinical_feature_names()) if clinical else 0  # 0: the image-only model ignores the labs
+    features = run.radiomics_features if radiomics else ()
+    model = model_from_run_config(replace(run, encoder=encoder, radiomics_features=features),
+                                  len(IMAGE_CHANNELS), n_clinical)
+    data = pooled_split(sites_for_training, "train", run.seed)
+    torch.manual_seed(run.seed)
+    best_auc, best_step, best_state = -np.inf, 0, None
+    for step in range(1, run.num_server_rounds + 1):
+        train_local(model, data, TrainSettings(epochs=run.local_epochs, learning_rate=run.learning_rate,
+                                               batch_size=run.batch_size, seed=run.seed * 1000 + step,
+                                               augment=run.augment))
+        auc = _validation_auc(model, sites_for_training, run.seed)
+        if best_state is None or auc > best_auc:
+            best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    result = evaluate_on_test(model, sets, name, book)
+    result["selected_round"] = best_step
+    result["seconds"] = time.time() - started
+    result["train_patients"] = len(data)
+    log.info("%s: test AUC %.3f, C-index %.3f (%.0f s)", name, result["test"]["auc"], result["test"]["c_index"],
+             result["seconds"])
+    return result
+
+
+def clinical_logistic_regression(sites: list[PreparedSite], sets: EvaluationSets, seed: int,
+                                 book: TestPredictions | None = None,
+                                 name: str = "clinical logistic regression (centralized)") -> dict[str, Any]:
+    """The seeds' clinical model: logistic regression on the harmonized clinical vector, pooled.
+
+    A reference that does not depend on any choice made for the neural models.
+    The Cox figure uses the same linear score.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train = pooled_split(sites, "train", seed)
+    known = train.labels.numpy() >= 0
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    model.fit(train.clinical.numpy()[known], train.labels.numpy()[known])
+    rows = []
+    for site_id, data in sets:
+        score = model.decision_function(data.clinical.numpy())
+        rows.append((site_id, data, score, score))
+        if book is not None:
+            book.add(name, site_id, data, score)
+    return {**evaluate_scores(rows), "train_patients": int(known.sum())}
+
+

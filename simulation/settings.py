@@ -1,0 +1,75 @@
+"""What `hccfed simulate` runs: the simulation's own options beside the federated run's RunConfig,
+and the synthetic hospitals it runs on (generated once, each site's YAML pointed at them).
+
+The model, federation and privacy options are RunConfig's (:mod:`hccfed.common.run_config`),
+held whole in ``SimulationSettings.run``; the fields here are the simulation's own. Both are
+declared with :func:`~hccfed.common.run_config.option`, from which the command's flags derive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hccfed.common.run_config import RunConfig, option
+from hccfed.common.site_config import load_site_config, site_config_to_yaml
+from hccfed.simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, synthesize_cohort
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("hccfed.simulate")
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What `hccfed simulate` runs. Defaults are sized for the demo on 2 CPU cores."""
+
+    data_dir: Path = option(REPO_ROOT / "data" / "synthetic", "synthetic cohort folder (made when missing)")
+    runs_dir: Path = option(REPO_ROOT / "runs", "where runs/<id>/ goes")
+    cache_dir: Path = option(REPO_ROOT / ".cache" / "prepared", "the sites' preparation caches", cli=False)
+    sites: tuple[SiteProfile, ...] = option(DEFAULT_SITES, "the synthetic hospitals", cli=False)
+    run_id: str | None = option(None, "the run's folder name under the runs folder (default: the time)")
+    workers: int | None = option(None, "processes for the cohort, preparation and radiomics (default: all cores)")
+    baselines: bool = option(True, "skip the references (centralized, local-only, clinical-only, image-only)")
+    classical: bool = option(True, "skip the classical CR / R / RCR models (and their radiomics extraction)")
+    external: str | None = option(None, "external validation: train on the other hospitals, test on every "
+                                  "patient of SITE (leave-one-site-out)", metavar="SITE")
+    compare_dp_epsilon: float = option(8.0, "also train the federated model under DP-SGD at this epsilon per "
+                                       "site and report it beside the non-private one (0: skip)",
+                                       group="privacy", flags=("--compare-dp",), metavar="EPSILON")
+    run: RunConfig = option(RunConfig(), "the federated run's model, federation and privacy options", cli=False)
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+
+def ensure_cohort(settings: SimulationSettings) -> None:
+    """Generate the synthetic cohort unless the same one is already on disk."""
+    info_path = settings.data_dir / "cohort.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        wanted = {s.site_id: s.n_patients for s in settings.sites}
+        if (info.get("seed") == settings.seed and info.get("counts") == wanted
+                and not info.get("tabular_only") and info.get("generator_version") == GENERATOR_VERSION):
+            log.info("synthetic cohort found in %s", settings.data_dir)
+            return
+    log.info("generating the synthetic cohort in %s (seed %d)", settings.data_dir, settings.seed)
+    synthesize_cohort(settings.data_dir, seed=settings.seed, sites=settings.sites,
+                      workers=settings.workers or 2, progress=True)
+
+
+def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:
+    """Each site's YAML with absolute paths into this cohort, written into the run folder."""
+    paths = []
+    for profile in settings.sites:
+        config = load_site_config(profile.config_path)
+        config = replace(config, data_root=(settings.data_dir / profile.site_id).resolve(),
+                         manifest=(settings.data_dir / profile.site_id / "manifest.csv").resolve(),
+                         cache_dir=(settings.cache_dir / profile.site_id).resolve())
+        path = run_dir / "sites" / f"{profile.site_id}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(site_config_to_yaml(config))
+        paths.append(path)
+    return paths
