@@ -109,11 +109,13 @@ def _resolve_paths(table: pd.DataFrame, column: str, root: Path, problems: _Prob
     return paths
 
 
-def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
+def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True) -> Manifest:
     """Read ``config.manifest`` and check every row.
 
     ``strict``: raise ManifestError listing all problems. Otherwise the rows
     with problems are left out and listed in ``Manifest.issues``.
+    ``images=False``: the clinical and outcome columns only (for clinical models): the image and
+    mask columns are neither required nor checked, and the paths come back empty.
     """
     path = config.manifest
     if not path.exists():
@@ -121,7 +123,7 @@ def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
     table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     required = (
         ["patient_id"] + list(CLINICAL_COLUMNS) + list(LABS) + list(OUTCOME_COLUMNS)
-        + [config.phase_columns[p] for p in config.phase_columns] + [config.mask_column]
+        + ([config.phase_columns[p] for p in config.phase_columns] + [config.mask_column] if images else [])
     )
     missing = [c for c in required if c not in table.columns]
     if missing:
@@ -156,8 +158,11 @@ def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
             problems.add(pid, "invalid_value", "event", f"patient {pid}: field 'event' is {e}, expected 0 or 1")
 
     root = config.data_root
-    image_paths = {p: _resolve_paths(table, col, root, problems) for p, col in config.phase_columns.items()}
-    mask_paths = _resolve_paths(table, config.mask_column, root, problems)
+    if images:
+        image_paths = {p: _resolve_paths(table, col, root, problems) for p, col in config.phase_columns.items()}
+        mask_paths = _resolve_paths(table, config.mask_column, root, problems)
+    else:
+        image_paths, mask_paths = {p: [] for p in config.phase_columns}, []
     if problems.issues and strict:
         raise ManifestError(path, problems.messages())
     bad = {i.patient_id for i in problems.issues}
