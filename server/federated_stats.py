@@ -207,22 +207,45 @@ def federated_icc(send: Send, columns=None, kind: str = "icc3", threshold: float
     return {"icc": values, "kept": np.flatnonzero(values > threshold)}
 
 
-def estimate_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
-    """ComBat (location / scale, empirical Bayes) of the sites' features (``columns``: those only),
-    estimated from per-site sums: the pooled fit (grand mean, covariate effects, SD) and each site's
-    gamma*, delta*. Nothing is changed at the sites."""
+def estimate_combat(send: Send, columns=None, covariates=None, parametric: bool = True, mean_only: bool = False,
+                    eb: bool = True, reference: str | None = None, tol: float = 1e-4) -> dict:
+    """ComBat of the sites' features (``columns``: those only; indices) from per-site sums, as
+    neuroCombat computes it on the pooled rows (:mod:`common.stats.combat`); nothing changes at the sites.
+
+    ``covariates``: column indices of the protected covariates (numeric; categorical ones one-hot
+    without their first level), whose effects are kept. ``parametric`` / ``mean_only`` / ``eb``:
+    neuroCombat's variants. ``reference``: the site id whose rows stay unchanged and define the grand
+    mean and scale. Returns {"fit": grand (p,), beta (q, p), sigma (p,), covariate_shift (q,),
+    "site_params": {site_id: gamma*, delta* (p,)}, "columns", "covariates", "reference", "method"}.
+    """
+    covariates = [int(c) for c in covariates] if covariates else []
     shift, _ = federated_mean_sd(send, columns)
-    location = send({"op": "combat_location", "shift": shift, "columns": columns})
-    fit = combat.fit_location([{k: v for k, v in r.items() if k != "site_id"} for r in location], shift)
+    covariate_shift = federated_mean_sd(send, covariates)[0] if covariates else None
+    location = send({"op": "combat_location", "shift": shift, "columns": columns, "covariates": covariates,
+                     "covariate_shift": covariate_shift})
+    site_ids = [str(r["site_id"]) for r in location]
+    if reference is not None and reference not in site_ids:
+        raise ValueError(f"ComBat reference site {reference!r} is not among the sites {site_ids}")
+    fit = combat.fit_location([{k: v for k, v in r.items() if k != "site_id"} for r in location], shift,
+                              covariate_shift, None if reference is None else site_ids.index(reference))
     params = {}
-    for reply in send({"op": "combat_moments", "fit": fit, "columns": columns}):
-        gamma, delta = combat.empirical_bayes(float(reply["n"]), reply["sum_z"], reply["sum_z2"], tol)
-        params[reply["site_id"]] = {"gamma": gamma, "delta": delta}
-    return {"fit": fit, "site_params": params}
+    for reply in send({"op": "combat_moments", "fit": fit, "columns": columns, "covariates": covariates}):
+        site = str(reply["site_id"])
+        if site == reference:
+            p = len(fit["sigma"])
+            params[site] = {"gamma": np.zeros(p), "delta": np.ones(p)}
+            continue
+        gamma, delta = combat.site_adjustment(float(reply["n"]), reply["sum_z"], reply["sum_z2"], parametric,
+                                              mean_only, eb, tol)
+        params[site] = {"gamma": np.asarray(gamma), "delta": np.asarray(delta)}
+    return {"fit": fit, "site_params": params, "columns": columns, "covariates": covariates, "reference": reference,
+            "method": {"parametric": bool(parametric), "mean_only": bool(mean_only), "eb": bool(eb)}}
 
 
-def federated_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
-    """Harmonise every site's features (``columns``: those only) in place with ComBat; returns the estimate."""
-    estimate = estimate_combat(send, columns, tol)
-    send({"op": "combat_apply", **estimate, "columns": columns})
+def federated_combat(send: Send, columns=None, covariates=None, parametric: bool = True, mean_only: bool = False,
+                     eb: bool = True, reference: str | None = None, tol: float = 1e-4) -> dict:
+    """Harmonise every site's features (``columns``: those only) in place with ComBat
+    (:func:`estimate_combat`'s options); returns the estimate."""
+    estimate = estimate_combat(send, columns, covariates, parametric, mean_only, eb, reference, tol)
+    send({"op": "combat_apply", **estimate})
     return estimate

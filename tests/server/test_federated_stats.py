@@ -174,5 +174,6 @@ def test_icc_and_combat_send_no_rows(cohort):
     spy = Spy(local_send(sites))
     res = fs.federated_icc(spy)
     assert res["icc"].shape == (len(NAMES),) and np.all(res["icc"] <= 1)
-    fs.federated_combat(spy)
+    fs.federated_combat(spy, [1, 2, 3], covariates=[0, 5], reference="hospital_b")
+    fs.federated_combat(spy, [1, 2], covariates=[0], parametric=False, mean_only=True)
     _assert_no_rows(spy.log, cohort)
