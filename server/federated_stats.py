@@ -63,11 +63,14 @@ def _logistic_round(send: Send, beta, columns, mean, scale, fold=None, part="tra
                         "fold": fold, "part": part}))
 
 
-def federated_logistic(send: Send, columns=None, tol: float = 1e-10, max_iter: int = 50) -> dict:
+def federated_logistic(send: Send, columns=None, names: list[str] | None = None, tol: float = 1e-10,
+                       max_iter: int = 50) -> dict:
     """Unpenalised logistic regression by Newton / IRLS on pooled gradients and Hessians.
 
-    Returns intercept and coef (raw feature scale), beta_std (standardised, intercept first),
-    cov_std (inverse pooled Hessian), loglik, n_iter, mean and scale used.
+    Returns intercept and coef (raw feature scale), se (raw scale, intercept first), cov (raw scale,
+    (p+1, p+1), intercept first), table (per row: coef, SE, z, Wald p, odds ratio with its 95% CI,
+    per unit of the raw feature), beta_std (standardised, intercept first), cov_std (inverse pooled
+    Hessian), loglik, n_iter, n (labelled patients), mean and scale used.
     """
     mean, scale = federated_mean_sd(send, columns, labelled=True)
     beta = np.zeros(len(mean) + 1)
@@ -84,8 +87,14 @@ def federated_logistic(send: Send, columns=None, tol: float = 1e-10, max_iter: i
         if np.max(np.abs(t * step)) < tol:
             break
     intercept, coef = regression.to_raw_scale(beta, mean, scale)
-    return {"intercept": intercept, "coef": coef, "beta_std": beta, "cov_std": np.linalg.inv(total["hess"]),
-            "loglik": float(total["loglik"]), "n_iter": iteration, "mean": mean, "scale": scale}
+    cov_std = np.linalg.inv(total["hess"])
+    a = regression.raw_scale_map(mean, scale)
+    cov = a @ cov_std @ a.T
+    names = names or [f"x{j}" for j in range(len(coef))]
+    return {"intercept": intercept, "coef": coef, "se": np.sqrt(np.diag(cov)), "cov": cov,
+            "table": regression.odds_ratio_table(np.concatenate([[intercept], coef]), cov, names),
+            "beta_std": beta, "cov_std": cov_std, "loglik": float(total["loglik"]), "n_iter": iteration,
+            "n": float(total["n"]), "mean": mean, "scale": scale}
 
 
 def _objective(total, beta, lam, l1_ratio) -> float:

@@ -112,7 +112,8 @@ def test_site_signal_falls_and_nothing_else_is_needed_from_a_site():
         x = np.concatenate([s.features[:, :P] for s in sites])
         x = (x - x.mean(0)) / x.std(0)
         label = np.concatenate([np.full(len(s.features), i) for i, s in enumerate(sites)])
-        return cross_val_score(LogisticRegression(max_iter=5000), x, label, cv=5).mean(), np.bincount(label).max() / len(label)
+        accuracy = cross_val_score(LogisticRegression(max_iter=5000), x, label, cv=5).mean()
+        return accuracy, np.bincount(label).max() / len(label)
 
     before, chance = site_accuracy()
     federated_combat(local_send(sites), list(range(P)), COVARIATES)

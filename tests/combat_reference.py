@@ -56,7 +56,9 @@ def pooled_combat(y, site, covariates=None, parametric=True, mean_only=False, eb
     gamma_star, delta_star = [], []
     for i, idx in enumerate(members):
         g_hat, d_hat = gamma_hat[i], delta_hat[i]
-        if not eb:
+        if i == ref:  # replaced by 0 and 1 below (its own estimates may be degenerate: z has its scale)
+            g, d = g_hat, d_hat
+        elif not eb:
             g, d = g_hat, d_hat
         elif parametric:
             g, d = _parametric(z[idx], g_hat, d_hat, mean_only, tol)
