@@ -36,10 +36,12 @@ def federated_mean_sd(send: Send, columns=None, labelled: bool = False) -> tuple
 
 
 def federated_ttests(send: Send, columns=None, equal_var: bool = True) -> dict[str, np.ndarray]:
-    """Per-feature t test (Student or Welch) of label 1 vs 0 over all sites' labelled patients."""
+    """Per-feature t test (Student or Welch) of label 1 vs 0 over all sites' labelled patients:
+    t, p, df, and the class means mean_pos / mean_neg (p,)."""
     shift, _ = federated_mean_sd(send, columns, labelled=True)
     replies = send({"op": "moments", "columns": columns, "labelled": True, "by_label": True, "shift": shift})
-    return screening.two_sample_tests(_total(replies, "pos"), _total(replies, "neg"), equal_var)
+    out = screening.two_sample_tests(_total(replies, "pos"), _total(replies, "neg"), equal_var)
+    return {**out, "mean_pos": out["mean_pos"] + shift, "mean_neg": out["mean_neg"] + shift}  # sums were about shift
 
 
 def federated_correlation(send: Send, columns=None, labelled: bool = False) -> np.ndarray:

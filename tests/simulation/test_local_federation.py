@@ -61,6 +61,8 @@ def test_cox_and_ttest_equal_lifelines_and_scipy_on_the_pooled_rows(frames, pool
     welch = stats.ttest_ind(labelled.loc[labelled.early == 1, ["age", "log_afp"]],
                             labelled.loc[labelled.early == 0, ["age", "log_afp"]], equal_var=False)
     np.testing.assert_allclose(tests["p"], welch.pvalue, rtol=1e-8)
+    np.testing.assert_allclose(tests["mean_pos"], labelled.loc[labelled.early == 1, ["age", "log_afp"]].mean(),
+                               rtol=1e-12)
     np.testing.assert_allclose(fed.mean_sd(["age"])["sd"], pooled["age"].std(), rtol=1e-12)
     np.testing.assert_allclose(fed.correlation(["age", "log_afp"]).to_numpy(),
                                np.corrcoef(pooled[["age", "log_afp"]].T), atol=1e-12)
