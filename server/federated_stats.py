@@ -220,7 +220,8 @@ def federated_icc(send: Send, columns=None, kind: str = "icc3", threshold: float
 
 def estimate_combat(send: Send, columns=None, covariates=None, parametric: bool = True, mean_only: bool = False,
                     eb: bool = True, reference: str | None = None, tol: float = 1e-4) -> dict:
-    """ComBat of the sites' features (``columns``: those only; indices) from per-site sums, as
+    """ComBat of the sites' features (``columns``: those only; indices; default every column but the
+    covariates) from per-site sums, as
     neuroCombat computes it on the pooled rows (:mod:`common.stats.combat`); nothing changes at the sites.
 
     ``covariates``: column indices of the protected covariates (numeric; categorical ones one-hot
@@ -230,6 +231,11 @@ def estimate_combat(send: Send, columns=None, covariates=None, parametric: bool 
     "site_params": {site_id: gamma*, delta* (p,)}, "columns", "covariates", "reference", "method"}.
     """
     covariates = [int(c) for c in covariates] if covariates else []
+    if columns is None:  # every feature but the covariates
+        columns = [j for j in range(len(federated_mean_sd(send)[0])) if j not in covariates]
+    overlap = sorted(set(columns) & set(covariates))
+    if overlap:
+        raise ValueError(f"ComBat: column(s) {overlap} are both harmonised and protected covariates")
     shift, _ = federated_mean_sd(send, columns)
     covariate_shift = federated_mean_sd(send, covariates)[0] if covariates else None
     location = send({"op": "combat_location", "shift": shift, "columns": columns, "covariates": covariates,

@@ -32,8 +32,8 @@ MAX_LISTED = 60
 
 def group_of(name: str) -> str:
     """"<phase> <region>" of a radiomics name ``<phase>_<region>_<pyradiomics name>``."""
-    phase, region, _ = name.split("_", 2)
-    return f"{phase} {region}" if phase in PHASES else "other"
+    parts = name.split("_", 2)
+    return f"{parts[0]} {parts[1]}" if len(parts) == 3 and parts[0] in PHASES else "other"
 
 
 def _step(selection: dict, label: str, names: list[str], kept: list[int]) -> None:

@@ -148,6 +148,9 @@ def test_errors_name_what_is_wrong():
         site.features[:, 2] = 7.25
     with pytest.raises(ValueError, match=r"feature column\(s\) \[2\] have no residual variance"):
         estimate_combat(local_send(flat), list(range(P)))
+    with pytest.raises(ValueError, match=r"column\(s\) \[7\] are both harmonised and protected"):
+        estimate_combat(local_send(_sites(cohort)), list(range(P + 1)), COVARIATES)
+    assert estimate_combat(local_send(_sites(cohort)), covariates=COVARIATES)["columns"] == list(range(P))
     with pytest.raises(ValueError, match="at least 2 rows per site"):
         combat.site_adjustment(1.0, np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="needs at least 2"):
