@@ -13,7 +13,8 @@ training rows (through :class:`client.stats_site.StatsSite`) and three more:
 - ``clinical_summary``: the given model scores the site's test rows *here* and
   only their :func:`client.evaluation.clinical_summary` (fixed-size) leaves;
 - ``combat`` (a field of any request): the server's ComBat estimate (pooled fit, every site's
-  gamma* / delta*, columns); the request is answered over this site's rows harmonised by it (train
+  gamma* / delta*, columns, protected covariate columns, reference site); the request is answered
+  over this site's rows harmonised by it, the covariates' effects kept (train
   and test, and the second reader). Rows are never changed in place, so any process serving the
   site answers the same.
 
@@ -128,12 +129,14 @@ class ClassicalStatsSite:
             if params is None:
                 raise ValueError(f"site {s.site_id}: the request's ComBat estimate has no parameters for this site")
             cols = np.asarray(combat_estimate["columns"], dtype=int)
+            covariates = np.asarray(combat_estimate.get("covariates") or [], dtype=int)
 
             def harmonised(matrix):
-                if matrix is None:
-                    return None
+                if matrix is None or combat_estimate.get("reference") == s.site_id:
+                    return matrix  # a reference site's rows stay as they are
                 out = np.array(matrix, dtype=float)
-                out[:, cols] = combat.apply_combat(out[:, cols], None, combat_estimate["fit"], params["gamma"],
+                c = out[:, covariates] if len(covariates) else None
+                out[:, cols] = combat.apply_combat(out[:, cols], c, combat_estimate["fit"], params["gamma"],
                                                    params["delta"])
                 return out
 

@@ -1,23 +1,27 @@
 """Radiomics of every phase for the tumour and the peritumoral ring (pyradiomics, cached).
 
-Per patient: read each phase and the tumour mask (``client.ingest``), resample
-each phase onto the mask's grid (the mask is drawn on ``mask_phase``), build the
-peritumoral ring (voxels within ``ring_mm`` mm of the tumour, by binary dilation
-with an ellipsoid of ``ring_mm`` in physical units, minus the tumour), and run
-pyradiomics with a parameter file (``common/radiomics_params.yaml``, IBSI-style,
-or ``radiomics_params_fast.yaml`` for tests and the CPU demo) on both regions.
-Features are named ``<phase>_<region>_<pyradiomics name>`` with region
-"tumour" or "ring", e.g. ``arterial_ring_original_glcm_Contrast``. Shape
-features depend on the mask only, so they are computed once, on ``mask_phase``.
+Per patient: read the tumour mask (drawn on ``mask_phase``) and build the peritumoral
+ring on the mask's whole grid (voxels within ``ring_mm`` mm of the tumour, by binary
+dilation with an ellipsoid of ``ring_mm`` in physical units, minus the tumour); then for
+each phase, as read, normalise it once over the whole image (the parameter file's
+``normalize`` settings) and run pyradiomics (``common/radiomics_params.yaml``, IBSI-style,
+or ``radiomics_params_fast.yaml`` for tests and the CPU demo) on both regions, with
+:mod:`client.radiomics_features`. Nothing is cropped first: pyradiomics resamples on a grid
+anchored at the mask image's corner and crops to each region itself, so every value equals
+``RadiomicsFeatureExtractor(params).execute(phase file, region mask)`` on the whole image, and
+does not depend on a margin or on where the tumour lies in the field of view (beyond the
+interpolation grid's phase). Features are named ``<phase>_<region>_<pyradiomics name>`` with
+region "tumour" or "ring", e.g. ``arterial_ring_original_glcm_Contrast``. Shape features
+depend on the mask only, so they are computed once, on ``mask_phase``.
 
 A second reader is simulated for the reproducibility (ICC) filter by
 :func:`perturb_mask` (erosion, dilation or contour noise, seeded per patient).
 
 Patients run in a process pool (ITK pinned to one thread per process) with a
 progress bar; each patient's features are cached under
-``cache_dir/radiomics`` keyed by a hash of its files (path, size, mtime), the
-parameter file's text, the ring width and the perturbation, so a second run
-with nothing changed reads them back.
+``cache_dir/radiomics`` keyed by a hash of the extraction's version, its files (path,
+size, mtime), the parameter file's text, the ring width and the perturbation, so a
+second run with nothing changed reads them back and a changed extraction never does.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +43,13 @@ from tqdm import tqdm
 
 from hccfed.client.ingest import read_volume
 from hccfed.client.manifest import read_manifest
+from hccfed.client.radiomics_features import features_of, make_extractor, normalise_image, resolve_params
 from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import PHASES
 
-RADIOMICS_VERSION = "1"
-PARAMS_DIR = Path(__file__).resolve().parent.parent / "common"
-PARAM_FILES = {"full": PARAMS_DIR / "radiomics_params.yaml", "fast": PARAMS_DIR / "radiomics_params_fast.yaml"}
+#: Part of every cache key: bump it whenever the extraction's output changes for the same inputs
+#: ("2": the whole image, no crop, normalised once per phase; contour noise drawn on the boundary only).
+RADIOMICS_VERSION = "2"
 REGIONS = ("tumour", "ring")
 PERTURBATIONS = ("erode", "dilate", "contour_noise")
 
@@ -75,14 +81,6 @@ class RadiomicsTable:
     failed: dict[str, str]
 
 
-def resolve_params(params: str | Path) -> Path:
-    """"full", "fast" or a path to a pyradiomics YAML parameter file."""
-    path = PARAM_FILES.get(str(params), Path(params))
-    if not Path(path).exists():
-        raise FileNotFoundError(f"radiomics parameter file {path} not found (use 'full', 'fast' or a path)")
-    return Path(path)
-
-
 def ball(radius_mm: float, spacing_zyx: tuple[float, ...]) -> np.ndarray:
     """Ellipsoidal structuring element of ``radius_mm`` on a grid of ``spacing_zyx`` (mm)."""
     half = [max(1, int(np.floor(radius_mm / s))) for s in spacing_zyx]
@@ -91,15 +89,29 @@ def ball(radius_mm: float, spacing_zyx: tuple[float, ...]) -> np.ndarray:
 
 
 def ring_mask(tumour: np.ndarray, ring_mm: float, spacing_zyx: tuple[float, ...]) -> np.ndarray:
-    """Peritumoral ring: voxels within ``ring_mm`` mm of the tumour, outside it (bool, same shape)."""
-    return ndimage.binary_dilation(tumour, structure=ball(ring_mm, spacing_zyx)) & ~tumour
+    """Peritumoral ring: voxels within ``ring_mm`` mm of the tumour, outside it (bool, same shape).
+
+    The dilation runs on the tumour's box grown by the structuring element (what it can reach), so
+    its cost does not grow with the field of view; the result is the same as on the whole grid."""
+    structure = ball(ring_mm, spacing_zyx)
+    reach = np.array(structure.shape) // 2
+    nz = np.argwhere(tumour)
+    if not len(nz):
+        return np.zeros_like(tumour, dtype=bool)
+    lower = np.maximum(nz.min(axis=0) - reach, 0)
+    upper = np.minimum(nz.max(axis=0) + reach + 1, tumour.shape)
+    box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
+    ring = np.zeros_like(tumour, dtype=bool)
+    ring[box] = ndimage.binary_dilation(tumour[box], structure=structure) & ~tumour[box]
+    return ring
 
 
 def perturb_mask(tumour: np.ndarray, rng: np.random.Generator, mode: str | None = None) -> np.ndarray:
     """A second reader's mask: one-voxel erosion or dilation, or noise on the contour.
 
-    ``mode`` None draws one of :data:`PERTURBATIONS` from ``rng``. Contour noise
-    flips each boundary voxel (inside or outside) with probability 0.3. Never empties the mask.
+    ``mode`` None draws one of :data:`PERTURBATIONS` from ``rng``. Contour noise flips each boundary
+    voxel (inside or outside) with probability 0.3, drawn over the boundary voxels only (in array
+    order), so the draw does not depend on the field of view. Never empties the mask.
     """
     mode = mode or PERTURBATIONS[rng.integers(len(PERTURBATIONS))]
     structure = ndimage.generate_binary_structure(3, 1)
@@ -109,7 +121,8 @@ def perturb_mask(tumour: np.ndarray, rng: np.random.Generator, mode: str | None 
         out = ndimage.binary_dilation(tumour, structure)
     elif mode == "contour_noise":
         boundary = ndimage.binary_dilation(tumour, structure) & ~ndimage.binary_erosion(tumour, structure)
-        flip = boundary & (rng.random(tumour.shape) < 0.3)
+        flip = np.zeros_like(boundary)
+        flip[boundary] = rng.random(int(boundary.sum())) < 0.3
         out = tumour ^ flip
     else:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {mode!r}")
@@ -122,48 +135,36 @@ def _region_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def _crop_to_tumour(mask: sitk.Image, tumour: np.ndarray, margin_mm: float) -> sitk.Image:
-    """The mask cropped to the tumour's bounding box plus ``margin_mm`` on every side (within the image)."""
-    spacing_xyz = np.array(mask.GetSpacing())
-    nz = np.argwhere(tumour)[:, ::-1]  # (x, y, z) indices
-    pad = np.ceil(margin_mm / spacing_xyz).astype(int)
-    lower = np.maximum(nz.min(axis=0) - pad, 0)
-    upper = np.minimum(nz.max(axis=0) + pad + 1, np.array(mask.GetSize()))
-    return sitk.RegionOfInterest(mask, [int(v) for v in upper - lower], [int(v) for v in lower])
+def patient_regions(job: RadiomicsJob) -> dict[str, sitk.Image]:
+    """The tumour (perturbed for a second reader) and ring masks of one patient, on the mask's whole grid."""
+    mask, _ = read_volume(job.mask_path, "mask")
+    tumour = sitk.GetArrayFromImage(mask) > 0
+    if not tumour.any():
+        raise ValueError(f"patient {job.patient_id}: the tumour mask {job.mask_path} is empty")
+    if job.perturb_seed is not None:
+        digest = hashlib.sha256(f"{job.perturb_seed}:{job.patient_id}".encode()).digest()
+        tumour = perturb_mask(tumour, np.random.default_rng(int.from_bytes(digest[:8], "little")))
+    spacing_zyx = tuple(reversed(mask.GetSpacing()))
+    return {"tumour": _region_image(tumour, mask),
+            "ring": _region_image(ring_mask(tumour, job.ring_mm, spacing_zyx), mask)}
 
 
 def extract_patient(job: RadiomicsJob) -> dict[str, float]:
     """Features of one patient, ``{<phase>_<region>_<feature>: value}``. Raises on unreadable input."""
-    from radiomics import featureextractor
-
-    logging.getLogger("radiomics").setLevel(logging.ERROR)
-    mask, _ = read_volume(job.mask_path, "mask")
-    mask = sitk.Cast(mask, sitk.sitkUInt8)
-    spacing_zyx = tuple(reversed(mask.GetSpacing()))
-    tumour = sitk.GetArrayFromImage(mask) > 0
-    if not tumour.any():
-        raise ValueError(f"patient {job.patient_id}: the tumour mask {job.mask_path} is empty")
-    mask = _crop_to_tumour(mask, tumour, job.ring_mm + 10.0)  # everything below runs on the box only
-    tumour = sitk.GetArrayFromImage(mask) > 0
-    if job.perturb_seed is not None:
-        digest = hashlib.sha256(f"{job.perturb_seed}:{job.patient_id}".encode()).digest()
-        tumour = perturb_mask(tumour, np.random.default_rng(int.from_bytes(digest[:8], "little")))
-    regions = {"tumour": _region_image(tumour, mask),
-               "ring": _region_image(ring_mask(tumour, job.ring_mm, spacing_zyx), mask)}
-    extractor = featureextractor.RadiomicsFeatureExtractor(str(job.params_path))
-    # shape depends on the mask only (the same for every phase) and is most of the cost: once, on mask_phase
-    no_shape = featureextractor.RadiomicsFeatureExtractor(str(job.params_path))
-    no_shape.enabledFeatures.pop("shape", None)
-    no_shape.enabledFeatures.pop("shape2D", None)
+    regions = patient_regions(job)
+    # normalise each phase once (not once per region); shape depends on the mask only: once, on mask_phase
+    with_shape = make_extractor(job.params_path, shape=True, normalise=False)
+    no_shape = make_extractor(job.params_path, shape=False, normalise=False)
+    normalise = bool(make_extractor(job.params_path).settings.get("normalize", False))
     features: dict[str, float] = {}
     for phase, path, field in zip(PHASES, job.phase_paths, job.phase_fields):
         image, _ = read_volume(path, field)
-        image = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), mask, sitk.Transform(), sitk.sitkLinear, 0.0)
+        if normalise:
+            image = normalise_image(image, with_shape.settings)
+        extractor = with_shape if phase == job.mask_phase else no_shape
         for region, region_mask in regions.items():
-            result = (extractor if phase == job.mask_phase else no_shape).execute(image, region_mask, label=1)
-            for key, value in result.items():
-                if not key.startswith("diagnostics_"):
-                    features[f"{phase}_{region}_{key}"] = float(value)
+            for key, value in features_of(extractor, image, region_mask).items():
+                features[f"{phase}_{region}_{key}"] = value
     return features
 
 
@@ -178,7 +179,7 @@ def _file_stamp(path: str) -> str:
 def job_key(job: RadiomicsJob) -> str:
     """Hash of everything one patient's features depend on."""
     digest = hashlib.sha256()
-    digest.update(RADIOMICS_VERSION.encode())
+    digest.update(f"{RADIOMICS_VERSION}|pyradiomics {metadata.version('pyradiomics')}".encode())
     digest.update(Path(job.params_path).read_bytes())
     digest.update(f"{job.ring_mm}|{job.mask_phase}|{job.perturb_seed}|{job.phase_fields}".encode())
     for path in (*job.phase_paths, job.mask_path):

@@ -2,8 +2,9 @@
 
 A :class:`StatsSite` holds one hospital's feature rows (n, p) with their names,
 early-recurrence labels (1 / 0 / -1 unknown), follow-up times (months) and
-events, optionally a second reader's features (the same patients, a perturbed
-mask) for the ICC, and covariates for ComBat. ``handle(request)`` answers one
+events, and optionally a second reader's features (the same patients, a perturbed
+mask) for the ICC. ComBat's protected covariates are feature columns the request
+names (``covariates``: indices). ``handle(request)`` answers one
 server request (a dict with an ``op``) with a dict of fixed-size arrays whose
 shapes depend only on the request and the number of features, never on the
 number of patients. The math lives in :mod:`common.stats`.
@@ -51,7 +52,6 @@ class StatsSite:
     times: np.ndarray
     events: np.ndarray
     second_reader: np.ndarray | None = None
-    covariates: np.ndarray | None = None
     n_folds: int = 5
     seed: int = 0
     folds: np.ndarray = field(init=False)
@@ -139,23 +139,28 @@ class StatsSite:
         ratings = np.stack([self._x(request, np.ones(len(self.labels), bool)), second], axis=1)
         return icc.icc_contribution(ratings, request.get("shift"))
 
-    def _combat_columns(self, request: dict) -> np.ndarray:
+    def _combat_rows(self, request: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(the ComBat columns' values (n, p), the protected covariates' (n, q) or None, the column indices)."""
         cols = request.get("columns")
-        return np.arange(self.features.shape[1]) if cols is None else np.asarray(cols, dtype=int)
+        cols = np.arange(self.features.shape[1]) if cols is None else np.asarray(cols, dtype=int)
+        covariates = request.get("covariates")
+        c = None if not covariates else self.features[:, np.asarray(covariates, dtype=int)]
+        return self.features[:, cols], c, cols
 
     def _op_combat_location(self, request: dict) -> dict:
-        return combat.location_contribution(self.features[:, self._combat_columns(request)], self.covariates,
-                                            request["shift"])
+        y, c, _ = self._combat_rows(request)
+        return combat.location_contribution(y, c, request["shift"], request.get("covariate_shift"))
 
     def _op_combat_moments(self, request: dict) -> dict:
-        z = combat.standardise(self.features[:, self._combat_columns(request)], self.covariates, request["fit"])
-        return {"n": np.array(float(len(z))), "sum_z": z.sum(axis=0), "sum_z2": (z ** 2).sum(axis=0)}
+        y, c, _ = self._combat_rows(request)
+        return combat.moments_contribution(combat.standardise(y, c, request["fit"]))
 
     def _op_combat_apply(self, request: dict) -> dict:
-        params = request["site_params"][self.site_id]
-        cols = self._combat_columns(request)
-        self.features[:, cols] = combat.apply_combat(self.features[:, cols], self.covariates, request["fit"],
-                                                     params["gamma"], params["delta"])
+        """Harmonise this site's rows in place (a reference site's stay as they are)."""
+        y, c, cols = self._combat_rows(request)
+        if request.get("reference") != self.site_id:
+            params = request["site_params"][self.site_id]
+            self.features[:, cols] = combat.apply_combat(y, c, request["fit"], params["gamma"], params["delta"])
         return {"applied": np.array(1.0)}
 
 

@@ -3,11 +3,14 @@
 CR (clinical-radiological, seed 002): univariate federated logistic screening
 of the clinical features (Wald p < ``p_enter``), then a multivariable model by
 backward elimination (p < ``p_keep``).
-R (radiomics, seeds 002 / 003): federated Welch t-test screen (p < ``p_screen``),
-greedy Pearson filter |r| > 0.8 walking features by p value, then LASSO
-logistic regression with the penalty chosen by federated cross-validation.
+R (radiomics, seeds 002 / 003 / 004): ICC > 0.9 between two readers (when the sites
+have a second reader's radiomics from perturbed masks), federated Welch t-test
+screen (p < ``p_screen``), greedy Pearson filter |r| > 0.8 walking features by p
+value, then LASSO logistic regression with the penalty chosen by federated
+cross-validation (:mod:`server.radiomics_selection`, which counts what survives each step).
 RCR: logistic regression on the R model's score and the CR model's features.
-Optionally the radiomics are first harmonised across sites by federated ComBat: the estimate
+Optionally the radiomics are first harmonised across sites by federated ComBat, keeping the
+effects of the declared covariates (``PROTECTED``: age, sex): the estimate
 travels with every later request and each site applies it to its rows, so no site keeps state
 between requests (in a simulation, any worker process may answer for any site).
 
@@ -20,6 +23,8 @@ dict ``{"name", "features", "intercept", "coef", "inputs"}`` (see the client mod
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy import stats
 
@@ -27,8 +32,13 @@ from hccfed.server import federated_stats as fs
 from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
 from hccfed.server.federated_stats import Send
 from hccfed.server.pool_summaries import jsonable
+from hccfed.server.radiomics_selection import select_radiomics
 
 R_SCORE = "R_score"
+#: ICC threshold of the reproducibility filter (seeds 002 / 004: ICC > 0.9 over repeated segmentations).
+ICC_MIN = 0.9
+#: Clinical columns whose effects ComBat keeps (the study's declared covariates: age and sex).
+PROTECTED = ("age_decades", "male")
 
 
 def _wald_p(fit: dict) -> np.ndarray:
@@ -80,21 +90,13 @@ def fit_cr(send: Send, names: list[str], candidates: list[int], p_enter: float =
 
 
 def fit_r(send: Send, names: list[str], candidates: list[int], n_folds: int, p_screen: float = 0.05,
-          r_max: float = 0.8, max_features: int = 60, icc_min: float | None = None) -> dict:
-    """(ICC > icc_min filter,) t-test screen, correlation filter, LASSO with the penalty chosen by federated CV."""
-    sd = fs.federated_mean_sd(send, candidates, labelled=True)[1]
-    candidates = [j for j, s in zip(candidates, sd) if s > 1e-12]
-    if icc_min is not None:
-        kept = fs.federated_icc(send, candidates, "icc3", icc_min)["kept"]
-        candidates = [candidates[k] for k in kept]
-    tests = fs.federated_ttests(send, candidates, equal_var=False)
-    order = np.argsort(tests["p"])
-    passed = [k for k in order if tests["p"][k] < p_screen][:max_features] or list(order[:5])
-    kept_pos = fs.federated_correlation_filter(send, [candidates[k] for k in passed], np.arange(len(passed)), r_max)
-    columns = [int(c) for c in kept_pos]
-    lasso = fs.federated_elastic_net_cv(send, columns, l1_ratio=1.0, n_folds=n_folds)
-    selected = list(lasso["selected"]) or [int(np.argmax(np.abs(lasso["beta_std"][1:])))]
-    return _model("R", [names[columns[k]] for k in selected], lasso["intercept"], lasso["coef"][selected])
+          r_max: float = 0.8, max_features: int = 60, icc_min: float | None = ICC_MIN) -> tuple[dict, dict]:
+    """The R model and its selection record (:func:`server.radiomics_selection.select_radiomics`: ICC >
+    ``icc_min`` when given, Welch t screen, correlation filter, LASSO with the penalty by federated CV)."""
+    lasso, columns, selection = select_radiomics(send, names, candidates, n_folds, p_screen, r_max, max_features,
+                                                 icc_min)
+    selected = list(lasso["selected"])
+    return _model("R", [names[columns[k]] for k in selected], lasso["intercept"], lasso["coef"][selected]), selection
 
 
 def with_fields(send: Send, **fields) -> Send:
@@ -115,26 +117,31 @@ def fit_rcr(send: Send, names: list[str], radiomics_model: dict, clinical_model:
                   {R_SCORE: radiomics_model})
 
 
-def estimate_radiomics_combat(send: Send, radiomic: list[int]) -> dict | None:
-    """Federated ComBat of the radiomics columns that vary: {"fit", "site_params", "columns"} (None: none vary).
+def estimate_radiomics_combat(send: Send, sites: dict, protect: Sequence[str] = PROTECTED) -> dict | None:
+    """Federated ComBat of the radiomics columns that vary, keeping the effects of the clinical columns
+    named in ``protect`` that the sites have: {"fit", "site_params", "columns", "covariates", ...}
+    (None: no radiomics column varies).
 
     The sites apply it to the requests that carry it (field ``combat``), so no site keeps state between requests.
     """
+    radiomic = sites["radiomic"]
     sd = fs.federated_mean_sd(send, radiomic)[1]
     columns = [j for j, s in zip(radiomic, sd) if s > 1e-12]
-    return {**fs.estimate_combat(send, columns), "columns": columns} if columns else None
+    covariates = [sites["names"].index(name) for name in protect if name in sites["names"]]
+    return fs.estimate_combat(send, columns, covariates) if columns else None
 
 
-def fit_classical_models(send: Send, sites: dict, n_folds: int = 5) -> dict:
-    """{"CR", "R", "RCR": model dict} (R and RCR when radiomics exist) on ``describe_sites``' feature list."""
+def fit_classical_models(send: Send, sites: dict, n_folds: int = 5) -> tuple[dict, dict | None]:
+    """({"CR", "R", "RCR": model dict} (R and RCR when radiomics exist) on ``describe_sites``' feature list,
+    the R model's selection record or None). The ICC step runs when every site has a second reader."""
     names, radiomic = sites["names"], sites["radiomic"]
     clinical = [j for j in range(len(names)) if j not in radiomic]
-    models = {"CR": fit_cr(send, names, clinical)}
+    models, selection = {"CR": fit_cr(send, names, clinical)}, None
     if radiomic:
-        icc_min = 0.75 if sites["second_reader"] else None
-        models["R"] = fit_r(send, names, radiomic, n_folds, icc_min=icc_min)
+        icc_min = ICC_MIN if sites["second_reader"] else None
+        models["R"], selection = fit_r(send, names, radiomic, n_folds, icc_min=icc_min)
         models["RCR"] = fit_rcr(send, names, models["R"], models["CR"])
-    return models
+    return models, selection
 
 
 def evaluate_on_sites(send: Send, model: dict) -> dict:
@@ -145,27 +152,30 @@ def evaluate_on_sites(send: Send, model: dict) -> dict:
             "figures": pooled_clinical_figures(summaries)}
 
 
-def run_classical_models(send: Send, n_folds: int = 5, harmonize: bool = False) -> dict:
-    """Fit CR / R / RCR federated (``harmonize``: on ComBat-harmonised radiomics) and evaluate each on the
-    sites' test rows.
+def run_classical_models(send: Send, n_folds: int = 5, harmonize: bool = False,
+                         protect: Sequence[str] = PROTECTED) -> dict:
+    """Fit CR / R / RCR federated (``harmonize``: on radiomics harmonised by ComBat, keeping the effects
+    of the clinical columns in ``protect``) and evaluate each on the sites' test rows.
 
-    Returns {"sites": describe_sites(...) + "harmonized_columns", "combat": the ComBat estimate or None,
+    Returns {"sites": describe_sites(...) + "harmonized_columns" + "protected_covariates", "combat": the
+    ComBat estimate or None, "selection": the R model's selection record or None,
     "models": {name: {"model": model dict,
     "summaries": [...], "test": pooled_figures, "figures": pooled_clinical_figures}}}.
     """
     sites = describe_sites(send)
-    combat = estimate_radiomics_combat(send, sites["radiomic"]) if harmonize and sites["radiomic"] else None
+    combat = estimate_radiomics_combat(send, sites, protect) if harmonize and sites["radiomic"] else None
     sites["harmonized_columns"] = combat["columns"] if combat else []
+    sites["protected_covariates"] = [sites["names"][j] for j in combat["covariates"]] if combat else []
     if combat:
         send = with_fields(send, combat=combat)
-    models = fit_classical_models(send, sites, n_folds)
-    return {"sites": sites, "combat": combat, "models": {key: {"model": model, **evaluate_on_sites(send, model)}
-                                                        for key, model in models.items()}}
+    models, selection = fit_classical_models(send, sites, n_folds)
+    return {"sites": sites, "combat": combat, "selection": selection,
+            "models": {key: {"model": model, **evaluate_on_sites(send, model)} for key, model in models.items()}}
 
 
 def results_json(result: dict) -> dict:
     """JSON-ready results of :func:`run_classical_models`: per model its features, coefficients (raw
     feature scale; nested input models included), pooled test figures and clinical figures; per site its counts."""
-    return jsonable({"sites": result["sites"],
+    return jsonable({"sites": result["sites"], "selection": result.get("selection"),
                      "models": {key: {**r["model"], "test": r["test"], "figures": r["figures"]}
                                 for key, r in result["models"].items()}})

@@ -36,10 +36,12 @@ def federated_mean_sd(send: Send, columns=None, labelled: bool = False) -> tuple
 
 
 def federated_ttests(send: Send, columns=None, equal_var: bool = True) -> dict[str, np.ndarray]:
-    """Per-feature t test (Student or Welch) of label 1 vs 0 over all sites' labelled patients."""
+    """Per-feature t test (Student or Welch) of label 1 vs 0 over all sites' labelled patients:
+    t, p, df, and the class means mean_pos / mean_neg (p,)."""
     shift, _ = federated_mean_sd(send, columns, labelled=True)
     replies = send({"op": "moments", "columns": columns, "labelled": True, "by_label": True, "shift": shift})
-    return screening.two_sample_tests(_total(replies, "pos"), _total(replies, "neg"), equal_var)
+    out = screening.two_sample_tests(_total(replies, "pos"), _total(replies, "neg"), equal_var)
+    return {**out, "mean_pos": out["mean_pos"] + shift, "mean_neg": out["mean_neg"] + shift}  # sums were about shift
 
 
 def federated_correlation(send: Send, columns=None, labelled: bool = False) -> np.ndarray:
@@ -63,11 +65,14 @@ def _logistic_round(send: Send, beta, columns, mean, scale, fold=None, part="tra
                         "fold": fold, "part": part}))
 
 
-def federated_logistic(send: Send, columns=None, tol: float = 1e-10, max_iter: int = 50) -> dict:
+def federated_logistic(send: Send, columns=None, names: list[str] | None = None, tol: float = 1e-10,
+                       max_iter: int = 50) -> dict:
     """Unpenalised logistic regression by Newton / IRLS on pooled gradients and Hessians.
 
-    Returns intercept and coef (raw feature scale), beta_std (standardised, intercept first),
-    cov_std (inverse pooled Hessian), loglik, n_iter, mean and scale used.
+    Returns intercept and coef (raw feature scale), se (raw scale, intercept first), cov (raw scale,
+    (p+1, p+1), intercept first), table (per row: coef, SE, z, Wald p, odds ratio with its 95% CI,
+    per unit of the raw feature), beta_std (standardised, intercept first), cov_std (inverse pooled
+    Hessian), loglik, n_iter, n (labelled patients), mean and scale used.
     """
     mean, scale = federated_mean_sd(send, columns, labelled=True)
     beta = np.zeros(len(mean) + 1)
@@ -84,8 +89,14 @@ def federated_logistic(send: Send, columns=None, tol: float = 1e-10, max_iter: i
         if np.max(np.abs(t * step)) < tol:
             break
     intercept, coef = regression.to_raw_scale(beta, mean, scale)
-    return {"intercept": intercept, "coef": coef, "beta_std": beta, "cov_std": np.linalg.inv(total["hess"]),
-            "loglik": float(total["loglik"]), "n_iter": iteration, "mean": mean, "scale": scale}
+    cov_std = np.linalg.inv(total["hess"])
+    a = regression.raw_scale_map(mean, scale)
+    cov = a @ cov_std @ a.T
+    names = names or [f"x{j}" for j in range(len(coef))]
+    return {"intercept": intercept, "coef": coef, "se": np.sqrt(np.diag(cov)), "cov": cov,
+            "table": regression.odds_ratio_table(np.concatenate([[intercept], coef]), cov, names),
+            "beta_std": beta, "cov_std": cov_std, "loglik": float(total["loglik"]), "n_iter": iteration,
+            "n": float(total["n"]), "mean": mean, "scale": scale}
 
 
 def _objective(total, beta, lam, l1_ratio) -> float:
@@ -207,22 +218,51 @@ def federated_icc(send: Send, columns=None, kind: str = "icc3", threshold: float
     return {"icc": values, "kept": np.flatnonzero(values > threshold)}
 
 
-def estimate_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
-    """ComBat (location / scale, empirical Bayes) of the sites' features (``columns``: those only),
-    estimated from per-site sums: the pooled fit (grand mean, covariate effects, SD) and each site's
-    gamma*, delta*. Nothing is changed at the sites."""
+def estimate_combat(send: Send, columns=None, covariates=None, parametric: bool = True, mean_only: bool = False,
+                    eb: bool = True, reference: str | None = None, tol: float = 1e-4) -> dict:
+    """ComBat of the sites' features (``columns``: those only; indices; default every column but the
+    covariates) from per-site sums, as
+    neuroCombat computes it on the pooled rows (:mod:`common.stats.combat`); nothing changes at the sites.
+
+    ``covariates``: column indices of the protected covariates (numeric; categorical ones one-hot
+    without their first level), whose effects are kept. ``parametric`` / ``mean_only`` / ``eb``:
+    neuroCombat's variants. ``reference``: the site id whose rows stay unchanged and define the grand
+    mean and scale. Returns {"fit": grand (p,), beta (q, p), sigma (p,), covariate_shift (q,),
+    "site_params": {site_id: gamma*, delta* (p,)}, "columns", "covariates", "reference", "method"}.
+    """
+    covariates = [int(c) for c in covariates] if covariates else []
+    if columns is None:  # every feature but the covariates
+        columns = [j for j in range(len(federated_mean_sd(send)[0])) if j not in covariates]
+    overlap = sorted(set(columns) & set(covariates))
+    if overlap:
+        raise ValueError(f"ComBat: column(s) {overlap} are both harmonised and protected covariates")
     shift, _ = federated_mean_sd(send, columns)
-    location = send({"op": "combat_location", "shift": shift, "columns": columns})
-    fit = combat.fit_location([{k: v for k, v in r.items() if k != "site_id"} for r in location], shift)
+    covariate_shift = federated_mean_sd(send, covariates)[0] if covariates else None
+    location = send({"op": "combat_location", "shift": shift, "columns": columns, "covariates": covariates,
+                     "covariate_shift": covariate_shift})
+    site_ids = [str(r["site_id"]) for r in location]
+    if reference is not None and reference not in site_ids:
+        raise ValueError(f"ComBat reference site {reference!r} is not among the sites {site_ids}")
+    fit = combat.fit_location([{k: v for k, v in r.items() if k != "site_id"} for r in location], shift,
+                              covariate_shift, None if reference is None else site_ids.index(reference))
     params = {}
-    for reply in send({"op": "combat_moments", "fit": fit, "columns": columns}):
-        gamma, delta = combat.empirical_bayes(float(reply["n"]), reply["sum_z"], reply["sum_z2"], tol)
-        params[reply["site_id"]] = {"gamma": gamma, "delta": delta}
-    return {"fit": fit, "site_params": params}
+    for reply in send({"op": "combat_moments", "fit": fit, "columns": columns, "covariates": covariates}):
+        site = str(reply["site_id"])
+        if site == reference:
+            p = len(fit["sigma"])
+            params[site] = {"gamma": np.zeros(p), "delta": np.ones(p)}
+            continue
+        gamma, delta = combat.site_adjustment(float(reply["n"]), reply["sum_z"], reply["sum_z2"], parametric,
+                                              mean_only, eb, tol)
+        params[site] = {"gamma": np.asarray(gamma), "delta": np.asarray(delta)}
+    return {"fit": fit, "site_params": params, "columns": columns, "covariates": covariates, "reference": reference,
+            "method": {"parametric": bool(parametric), "mean_only": bool(mean_only), "eb": bool(eb)}}
 
 
-def federated_combat(send: Send, columns=None, tol: float = 1e-4) -> dict:
-    """Harmonise every site's features (``columns``: those only) in place with ComBat; returns the estimate."""
-    estimate = estimate_combat(send, columns, tol)
-    send({"op": "combat_apply", **estimate, "columns": columns})
+def federated_combat(send: Send, columns=None, covariates=None, parametric: bool = True, mean_only: bool = False,
+                     eb: bool = True, reference: str | None = None, tol: float = 1e-4) -> dict:
+    """Harmonise every site's features (``columns``: those only) in place with ComBat
+    (:func:`estimate_combat`'s options); returns the estimate."""
+    estimate = estimate_combat(send, columns, covariates, parametric, mean_only, eb, reference, tol)
+    send({"op": "combat_apply", **estimate})
     return estimate

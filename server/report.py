@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hccfed.server import clinical_report
+from hccfed.server.radiomics_selection import report_sections
 from hccfed.server.report_format import fmt, html_page, html_table, markdown_table
 
 #: Packages whose versions a report records (a result is only reproducible with them).
@@ -155,6 +156,9 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
         parts += ["<h2>Federated validation AUC by round</h2>", f"<p>{html.escape(history)}</p>"]
     md += clinical_md
     parts += clinical_html
+    selection_md, selection_html = report_sections(metrics.get("models", {}))
+    md += selection_md
+    parts += selection_html
     privacy_rows = _privacy_rows(metrics)
     if privacy_rows:
         md += ["## Privacy: what each hospital sent and spent", "", markdown_table(privacy_rows), "", PRIVACY_NOTE, ""]

@@ -27,6 +27,9 @@ __all__ = ["ClassicalSite", "LinearModel", "run_classical_models",
            "classical_model_results", "harmonization_effect", "flower_stats_run"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The demo's simulated second reader (perturbed masks, for the ICC filter): a fixed reader, the same
+#: for every run seed, so its radiomics are extracted and cached once.
+SECOND_READER_SEED = 1
 #: Names of the models' rows in the demo report.
 REPORT_NAMES = {"CR": "CR (federated)", "R": "R (federated)", "RCR": "RCR (federated)"}
 
@@ -49,7 +52,8 @@ def run_classical_models(sites: list[ClassicalSite], seed: int = 0, n_folds: int
 
     Returns {model: {"model": LinearModel, "site_scores": {site_id: (n_test,)}, "summaries": [...],
     "test": pooled_figures(...), "figures": pooled_clinical_figures(...), "sites": the sites' counts and the
-    columns harmonised}}. The caller's ``sites`` are not changed (ComBat gives the endpoints new rows).
+    columns harmonised}}, and for "R" its "selection" (what survived each step, per phase and region).
+    The caller's ``sites`` are not changed (ComBat gives the endpoints new rows).
     """
     endpoints = local_endpoints(sites, n_folds, seed)
     result = cm.run_classical_models(local_send(endpoints), n_folds, harmonize)
@@ -58,7 +62,8 @@ def run_classical_models(sites: list[ClassicalSite], seed: int = 0, n_folds: int
         rows = [e.rows(result["combat"]) for e in endpoints]
         scores = {s.site_id: score_model(r["model"], s.names, s.features[s.test]) for s in rows}
         out[key] = {"model": LinearModel(r["model"]), "site_scores": scores, "summaries": r["summaries"],
-                    "test": r["test"], "figures": r["figures"], "sites": result["sites"]}
+                    "test": r["test"], "figures": r["figures"], "sites": result["sites"],
+                    **({"selection": result["selection"]} if key == "R" else {})}
     return out
 
 
@@ -67,20 +72,25 @@ def _configs(site_yamls: list) -> list[SiteConfig]:
 
 
 def classical_model_results(sites: list[Site], harmonize: bool = True, params: str = "fast", n_folds: int = 5,
-                            second_reader_seed: int | None = None) -> dict[str, dict]:
+                            second_reader_seed: int | None = SECOND_READER_SEED) -> dict[str, dict]:
     """The demo report's rows for CR / R / RCR trained federated on the demo's sites.
 
     Each :class:`~hccfed.client.site.Site` gives its rows (``Site.classical``: the same patients and
     train / test split as the deep models, radiomics with ``params`` cached under its ``cache_dir``).
+    ``second_reader_seed``: the simulated second reader whose radiomics (perturbed masks) feed the ICC
+    filter; None: no ICC step.
     Returns {"CR (federated)" / "R (federated)" / "RCR (federated)": {"test": pooled_figures (auc,
     auc_ci_lower, auc_ci_upper, c_index, n_patients, n_positive, n_negative, ...), "figures":
-    pooled_clinical_figures, "train_patients": int, "features": [...], "harmonized": bool}}.
+    pooled_clinical_figures, "train_patients": int, "features": [...], "harmonized": bool}}; the R
+    entry also holds "selection" (server.radiomics_selection) and the protected covariates.
     """
     rows = [site.classical(params, second_reader_seed) for site in sites]
     out = run_classical_models(rows, sites[0].seed, n_folds, harmonize)
     return {REPORT_NAMES[key]: {"test": r["test"], "figures": r["figures"],
                                 "train_patients": int(sum(r["sites"]["n_train"].values())),
-                                "features": r["model"].features, "harmonized": bool(r["sites"]["harmonized_columns"])}
+                                "features": r["model"].features, "harmonized": bool(r["sites"]["harmonized_columns"]),
+                                **({"selection": r["selection"], "protected_covariates":
+                                    r["sites"]["protected_covariates"]} if "selection" in r else {})}
             for key, r in out.items()}
 
 

@@ -82,3 +82,30 @@ def to_raw_scale(beta: NDArray, mean: NDArray, scale: NDArray) -> tuple[float, N
     """Intercept and weights on the original feature scale from standardised coefficients."""
     w = beta[1:] / scale
     return float(beta[0] - w @ mean), w
+
+
+def raw_scale_map(mean: ArrayLike, scale: ArrayLike) -> NDArray:
+    """The linear map A (p+1, p+1) from standardised to raw coefficients (intercept first):
+    raw = A @ beta_std, so cov_raw = A cov_std A^T."""
+    mean, scale = np.asarray(mean, dtype=float), np.asarray(scale, dtype=float)
+    a = np.zeros((len(mean) + 1, len(mean) + 1))
+    a[0, 0] = 1.0
+    a[0, 1:] = -mean / scale
+    a[1:, 1:] = np.diag(1.0 / scale)
+    return a
+
+
+def odds_ratio_table(coef: NDArray, cov: NDArray, names: list[str], z: float = 1.959963984540054) -> list[dict]:
+    """Rows of coefficient, SE, z, two-sided Wald p, odds ratio and its 95% CI, on the raw feature scale.
+
+    ``coef`` (p+1,) and ``cov`` (p+1, p+1) with the intercept first; its row is named "(intercept)"
+    and its "odds ratio" is the odds at all features 0. An odds ratio is per unit of the feature."""
+    from scipy import stats
+
+    se = np.sqrt(np.diag(cov))
+    rows = []
+    for name, b, s in zip(["(intercept)", *names], coef, se):
+        rows.append({"feature": name, "coef": float(b), "se": float(s), "z": float(b / s),
+                     "p": float(2 * stats.norm.sf(abs(b / s))), "odds_ratio": float(np.exp(b)),
+                     "or_lower": float(np.exp(b - z * s)), "or_upper": float(np.exp(b + z * s))})
+    return rows

@@ -98,6 +98,28 @@ def test_logistic_equals_sklearn_and_sends_no_rows(cohort):
     _assert_no_rows(spy.log, cohort)
 
 
+def test_logistic_table_on_the_original_scale_equals_the_pooled_fisher_information(cohort):
+    """SEs from the inverse Fisher information of the raw design (intercept, raw features) at
+    scikit-learn's own fit; Wald p values and odds ratios per unit of each raw feature."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = fs.federated_logistic(local_send(_sites(cohort)), names=NAMES)
+    x, _, _, y = _pooled(cohort)
+    x, y = x[y >= 0], y[y >= 0]
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(x, y)
+    design = np.column_stack([np.ones(len(x)), x])
+    prob = ref.predict_proba(x)[:, 1]
+    cov = np.linalg.inv((design * (prob * (1 - prob))[:, None]).T @ design)
+    np.testing.assert_allclose(fit["se"], np.sqrt(np.diag(cov)), rtol=1e-4)
+    table = fit["table"]
+    assert [row["feature"] for row in table] == ["(intercept)", *NAMES] and fit["n"] == len(y)
+    for row, b, s in zip(table, np.concatenate([ref.intercept_, ref.coef_[0]]), np.sqrt(np.diag(cov))):
+        assert row["coef"] == pytest.approx(b, rel=1e-4, abs=1e-6)
+        assert row["odds_ratio"] == pytest.approx(np.exp(b), rel=1e-4)
+        assert row["or_lower"] == pytest.approx(np.exp(b - 1.959963984540054 * s), rel=1e-4)
+        assert row["p"] == pytest.approx(2 * stats.norm.sf(abs(b / s)), rel=1e-3, abs=1e-12)
+
+
 def test_cox_equals_lifelines_with_hazard_ratio_table(cohort):
     import pandas as pd
     from lifelines import CoxPHFitter
@@ -174,5 +196,6 @@ def test_icc_and_combat_send_no_rows(cohort):
     spy = Spy(local_send(sites))
     res = fs.federated_icc(spy)
     assert res["icc"].shape == (len(NAMES),) and np.all(res["icc"] <= 1)
-    fs.federated_combat(spy)
+    fs.federated_combat(spy, [1, 2, 3], covariates=[0, 5], reference="hospital_b")
+    fs.federated_combat(spy, [1, 2], covariates=[0], parametric=False, mean_only=True)
     _assert_no_rows(spy.log, cohort)

@@ -64,3 +64,23 @@ def test_clinical_summary_pools_to_the_per_patient_figures():
 def test_versions_name_the_main_packages():
     versions = package_versions()
     assert versions["flwr"] != "not installed" and versions["python"].count(".") == 2
+
+
+def test_report_lists_the_features_surviving_each_selection_step(tmp_path):
+    rng = np.random.default_rng(2)
+    selection = {"steps": ["candidates", "ICC(3,1) > 0.9", "LASSO (federated CV)"],
+                 "groups": {"arterial tumour": [3, 2, 1], "portal ring": [2, 1, 0]},
+                 "survivors": {"candidates": ["arterial_tumour_a", "arterial_tumour_b", "arterial_tumour_c",
+                                              "portal_ring_a", "portal_ring_b"],
+                               "ICC(3,1) > 0.9": ["arterial_tumour_a", "arterial_tumour_b", "portal_ring_b"],
+                               "LASSO (federated CV)": ["arterial_tumour_b"]}, "notes": []}
+    metrics = {"run_id": "r2", "oracle": _entry(rng, 3.0), "sites": {},
+               "models": {"R (federated)": {**_entry(rng, 1.0), "selection": selection,
+                                            "protected_covariates": ["age_decades", "male"]}}}
+    write_report(json.loads(json.dumps(metrics)), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Radiomics selection: R (federated)" in md
+    assert "| arterial tumour | 3 | 2 | 1 |" in md and "| all | 5 | 3 | 1 |" in md
+    assert "- LASSO (federated CV) (1): arterial_tumour_b" in md
+    assert "ComBat kept the effects of: age_decades, male." in md
+    assert "Radiomics selection: R (federated)" in (tmp_path / "report.html").read_text()

@@ -56,6 +56,15 @@ def test_icc_filter_drops_an_unreproducible_feature():
         s.second_reader[:, 3] = rng.normal(size=len(s.features))  # feature F0 (the strongest) is pure reader noise
     out = run_classical_models(sites, seed=0, n_folds=3)
     assert "arterial_tumour_original_firstorder_F0" not in out["R"]["model"].features
+    selection = out["R"]["selection"]
+    assert selection["steps"][:2] == ["candidates", "ICC(3,1) > 0.9"]
+    assert "arterial_tumour_original_firstorder_F0" in selection["survivors"]["candidates"]
+    assert "arterial_tumour_original_firstorder_F0" not in selection["survivors"]["ICC(3,1) > 0.9"]
+    assert selection["groups"]["arterial tumour"][:2] == [4, 3]  # F0 of the 4 arterial tumour features fails
+    for counts in selection["groups"].values():
+        assert counts == sorted(counts, reverse=True)  # each step only removes
+    assert sorted(selection["survivors"]["LASSO (federated CV)"]) == sorted(out["R"]["model"].features)
+    assert sum(c[0] for c in selection["groups"].values()) == 16
 
 
 def test_harmonize_removes_a_scanner_shift_keeps_the_callers_rows_and_the_signal():
@@ -80,7 +89,7 @@ def test_sites_with_different_feature_lists_are_named():
         run_classical_models(sites, seed=0, n_folds=3)
 
 
-@pytest.mark.slow  # radiomics of the tiny cohort's 34 patients (about 20 s on 2 cores)
+@pytest.mark.slow  # radiomics of the tiny cohort's 34 patients, two readers (about 40 s on 2 cores)
 def test_classical_model_results_gives_the_report_rows(tiny_cohort):
     _, yamls = tiny_cohort
     sites = [Site(load_site_config(p), 0, workers=2) for p in yamls]
@@ -95,3 +104,7 @@ def test_classical_model_results_gives_the_report_rows(tiny_cohort):
         assert row["train_patients"] == n_train and row["test"]["n_patients"] == n_test, name
         assert row["harmonized"] and "auc" in row["figures"] and row["features"], name
     assert rows["RCR (federated)"]["features"][0] == "R_score"
+    selection = rows["R (federated)"]["selection"]  # the second reader is on by default: ICC first
+    assert selection["steps"][1] == "ICC(3,1) > 0.9" and set(selection["groups"]) == {
+        f"{phase} {region}" for phase in ("pre", "arterial", "portal", "delayed") for region in ("tumour", "ring")}
+    assert rows["R (federated)"]["protected_covariates"] == ["age_decades", "male"]
