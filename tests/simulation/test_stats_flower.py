@@ -14,7 +14,7 @@ from hccfed.client.classical_site import load_classical_site
 from hccfed.client.evaluation import clinical_summary
 from hccfed.common.site_config import load_site_config
 from hccfed.server.audit import read_audit
-from hccfed.server.pool_summaries import jsonable
+from hccfed.server.pooled_figures import jsonable
 from hccfed.simulation.classical_models import flower_stats_run, run_classical_models
 from hccfed.simulation.cohort import DEFAULT_SITES, synthesize_cohort
 from hccfed.simulation.settings import SimulationSettings, effective_site_configs
