@@ -155,6 +155,22 @@ def test_paired_delong_needs_the_second_round_and_gives_holm_adjusted_p(cohort, 
     assert "other pooled tables" in status
 
 
+@pytest.mark.parametrize("field, change, message", [
+    ("v10_sum", lambda v: [v[0] + 1000.0, *v[1:]], "impossible for"),
+    ("n_pos", lambda v: v + 1, "but the site's round-1 table counts"),
+    ("v01_cross", lambda v: [[x + (i == 0 and j == 1) for j, x in enumerate(r)] for i, r in enumerate(v)], "impossible"),
+])
+def test_tampered_round2_sums_are_refused_naming_the_file(report, tmp_path, capsys, field, change, message) -> None:
+    doc = json.loads((report["tmp"] / "site_1_round2.json").read_text())
+    doc["placement_sums"][field] = change(doc["placement_sums"][field])
+    bad = tmp_path / "bad_round2.json"
+    bad.write_text(json.dumps(doc))
+    files = [report["tmp"] / "site_0_round2.json", bad, report["tmp"] / "site_2_round2.json"]
+    assert main(["pool-summaries", *map(str, files), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad_round2.json: placement sums" in err and message in err, err
+
+
 def test_a_round2_request_goes_to_its_own_site_only(report, tmp_path, capsys) -> None:
     request = json.loads((report["tmp"] / "round1" / "round2" / "H0.json").read_text())
     assert request["site_id"] == "H0" and set(request["models"]) == set(MODELS)

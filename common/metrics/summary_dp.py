@@ -69,7 +69,11 @@ class DPGrid:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DPGrid":
-        return cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items()})
+        """Inverse of :meth:`to_dict`; ValueError naming an unknown or missing field."""
+        default = cls()
+        if not isinstance(d, dict) or set(d) != set(default.to_dict()):
+            raise ValueError(f"a DP grid needs exactly the fields {sorted(default.to_dict())}")
+        return cls(**{k: type(getattr(default, k))(v) for k, v in d.items()})
 
     def _score_bin(self, s: NDArray, bins: int) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
         width = (self.score_max - self.score_min) / bins

@@ -139,7 +139,8 @@ def check_every_figure(y, s_a, s_b, prob, t, e, parts) -> None:
                                  FD.placement_request(request, {"a": sa, "b": sb}, f"site{j}"))
                for j, (i, sa, sb) in enumerate(zip(parts, site_a, site_b))]
     paired = FD.delong_paired_from_sums(FD.pool_placement_sums(answers), "a", "b")
-    z = (aucs[0] - aucs[1]) / np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]) if cov[0, 0] + cov[1, 1] - 2 * cov[0, 1] > 0 else 0.0
+    var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
     close(z, paired["z"], "paired z")
     close(2 * norm.sf(abs(z)), paired["p_value"], "paired p")
     fpr_tpr = SD.roc_curve_from_summary(m)
