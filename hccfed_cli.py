@@ -4,9 +4,9 @@
     hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached, QC report)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
-    hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled P.json]
+    hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
                                                      a hospital's aggregate-only evaluation summary
-    hccfed pool-summaries site1.json site2.json ... --out report_dir
+    hccfed pool-summaries site1.json site2.json ... --out report_dir [--threshold [MODEL=]T]
                                                      pooled clinical figures (figures.json)
     hccfed stats     [--harmonize] [--seed N] ...     CR / R / RCR by federated statistics over Flower
 """
@@ -66,21 +66,37 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _minimum(args: argparse.Namespace):
+    from hccfed.common.metrics.summary_checks import MinimumCells
+
+    return MinimumCells(patients=args.min_patients, per_class=args.min_per_class)
+
+
 def _site_summary(args: argparse.Namespace) -> int:
-    from hccfed.client.site_summary import write_site_summary
+    from hccfed.client.site_summary_command import write_site_summary
 
     out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled,
-                             epsilon=args.epsilon, seed=args.seed)
-    print(f"wrote the site summary (aggregate arrays only) to {out}")
+                             epsilon=args.epsilon, seed=args.seed, force=args.force, minimum=_minimum(args),
+                             dp_score_range=args.dp_score_range)
+    print(f"wrote the site summary (tables of counts only, no patient row) to {out}")
     return 0
 
 
 def _pool_summaries(args: argparse.Namespace) -> int:
-    from hccfed.server.pool_summaries import write_pool_report
+    from hccfed.server.pool_summaries_command import parse_thresholds, write_pool_report
 
-    out = write_pool_report(args.summaries, args.out)
-    print(f"figures: {out}\nround-2 input for paired tests: {out.parent / 'pooled_histograms.json'}")
+    out = write_pool_report(args.summaries, args.out, thresholds=parse_thresholds(args.threshold),
+                            minimum=_minimum(args))
+    round2 = out.parent / "round2"
+    print(f"figures: {out}" + (f"\nround-2 requests for paired tests (one per site): {round2}" if round2.is_dir() else ""))
     return 0
+
+
+def _add_minimum_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-patients", type=int, default=10,
+                        help="refuse a site summary of fewer patients (default 10)")
+    parser.add_argument("--min-per-class", type=int, default=5,
+                        help="refuse a site summary with fewer positives or negatives (default 5)")
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -156,18 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     site = sub.add_parser("site-summary", help="a hospital's aggregate-only evaluation summary of a predictions CSV")
     site.add_argument("--predictions", required=True,
                       help="CSV: patient_id, label, time, event, score_<model>... [prob_<model>...]")
-    site.add_argument("--out", required=True, help="the JSON to write")
+    site.add_argument("--out", required=True, help="the JSON to write (never the CSV; an existing file only with --force)")
     site.add_argument("--site-id", default=None, help="name of the site (default: the CSV's file name)")
     site.add_argument("--pooled", default=None,
-                      help="pooled_histograms.json from pool-summaries: adds round-2 sums for paired DeLong tests")
+                      help="this site's round2/<site-id>.json from pool-summaries: adds the sums for paired DeLong tests")
+    site.add_argument("--force", action="store_true", help="replace --out when it exists")
     site.add_argument("--epsilon", type=float, default=None,
                       help="differential privacy: Laplace noise on a coarse grid; each model costs 3 x epsilon")
+    site.add_argument("--dp-score-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                      help="with --epsilon: the scores' range, declared beforehand (default -5 5); a score outside "
+                           "it stops the release")
     site.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh randomness)")
+    _add_minimum_arguments(site)
     site.set_defaults(func=_site_summary)
 
     pool = sub.add_parser("pool-summaries", help="pooled clinical figures from the sites' summaries")
     pool.add_argument("summaries", nargs="+", help="site summary JSON files")
-    pool.add_argument("--out", required=True, help="folder for figures.json and pooled_histograms.json")
+    pool.add_argument("--out", required=True, help="folder for figures.json, report.html and round2/")
+    pool.add_argument("--threshold", action="append", default=None, metavar="[MODEL=]VALUE",
+                      help="the score threshold of the operating point, declared before pooling (e.g. chosen on a "
+                           "development set); repeat as MODEL=VALUE for one per model")
+    _add_minimum_arguments(pool)
     pool.set_defaults(func=_pool_summaries)
 
     stats = sub.add_parser("stats", help="the classical CR / R / RCR models by federated statistics over Flower "

@@ -1,4 +1,4 @@
-"""`hccfed site-summary`: one hospital's predictions CSV -> aggregate-only JSON.
+"""The work of `hccfed site-summary`: one hospital's predictions CSV -> an aggregate-only summary document.
 
 Input CSV (one row per patient, header required):
 
@@ -7,22 +7,25 @@ Input CSV (one row per patient, header required):
                  before 24 months without recurrence)
     time         follow-up in months (>= 0)
     event        1 = recurrence observed at `time`, 0 = censored
-    score_<m>    one column per model m: logit or log-risk, higher = higher risk
+    score_<m>    one column per model m: any risk score, higher = higher risk
+                 (a logit, points, a log-risk, a hazard ratio: any scale)
     prob_<m>     optional: predicted probability of early recurrence in
                  [0, 1] for model m; when absent, prob = sigmoid(score_<m>)
-                 (right for a logit score; give prob_<m> for a Cox log-risk)
+                 (right for a logit score; give prob_<m> for any other scale)
 
-Output JSON: the grid, and per model the fixed-size arrays of
-:func:`common.metrics.federated_clinical.model_site_summary` (counts and sums
-per bin), sparse-encoded. No patient id, no row, no per-patient value.
+The document (:func:`site_summary_document`) holds, per model, the exact
+tables of :func:`common.metrics.summaries.model_summary` (each distinct
+score, risk and (time, score) with its counts) and their declared totals; no
+patient id, no row. Under ``epsilon`` the tables are noisy ones of a coarse
+grid instead (:mod:`common.metrics.summary_dp`). A site smaller than the
+minimum cell size writes nothing.
 
-Paired DeLong tests between models need a second step (see
-:mod:`common.metrics.federated_delong`): after `hccfed pool-summaries` has
-written `pooled_histograms.json`, each site runs `hccfed site-summary
---pooled pooled_histograms.json` again and the JSON also carries the sums
-of its patients' placement values against the pooled histograms. We chose
-this two-step protocol over one joint (model A score x model B score)
-histogram, whose size grows with the square of the score resolution.
+Paired DeLong tests between models need a second round
+(:mod:`common.metrics.federated_delong`): `hccfed pool-summaries` writes a
+request for each site (round2/<site>.json); the site runs `hccfed
+site-summary --pooled round2/<site>.json` again and its document also
+carries the sums of its patients' placement values. We chose this over one
+joint table of every model's scores per patient, which would link them.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
-from hccfed.common.metrics.federated_clinical import DP_GRID, ClinicalGrid, model_site_summary, privatize_model_summary
 from hccfed.common.metrics.federated_delong import placement_sums
-from hccfed.common.metrics.summary_codec import decode_arrays, encode_arrays
+from hccfed.common.metrics.summaries import model_summary
+from hccfed.common.metrics.summary_checks import MinimumCells, check_minimum, summary_totals
+from hccfed.common.metrics.summary_codec import SITE_FORMAT, decode_request, encode_arrays, encode_placement_sums
+from hccfed.common.metrics.summary_dp import DP_GRID, DPGrid, privatize_model_summary
 
-SITE_FORMAT = "hccfed-site-summary/1"
-POOLED_FORMAT = "hccfed-pooled-histograms/1"
 REQUIRED = ("patient_id", "label", "time", "event")
 
 
@@ -120,74 +124,59 @@ def read_predictions(path: str | Path) -> Predictions:
     if not cols["time"]:
         raise ValueError(f"{path.name}: no patient rows")
     score_arrays = {m: np.asarray(v) for m, v in scores.items()}
-    prob_arrays = {m: np.asarray(probs[m]) if m in probs else 1.0 / (1.0 + np.exp(-score_arrays[m])) for m in models}
+    prob_arrays = {m: np.asarray(probs[m]) if m in probs else expit(score_arrays[m]) for m in models}
     return Predictions(labels=np.asarray(cols["label"]), times=np.asarray(cols["time"]),
                        events=np.asarray(cols["event"]), scores=score_arrays, probs=prob_arrays,
                        prob_source={m: f"column prob_{m}" if m in probs else f"sigmoid(score_{m})" for m in models})
 
 
-def load_pooled_histograms(path: str | Path) -> tuple[ClinicalGrid, dict[str, dict]]:
-    """Read the `pooled_histograms.json` written by `hccfed pool-summaries`."""
+def load_round2_request(path: str | Path) -> dict:
+    """Read a round-2 request that `hccfed pool-summaries` wrote for one site (round2/<site>.json)."""
     path = Path(path)
-    data = json.loads(path.read_text())
-    if data.get("format") != POOLED_FORMAT:
-        raise ValueError(f"{path.name}: not a pooled-histograms file (format {data.get('format')!r})")
-    grid = ClinicalGrid.from_dict(data["grid"])
-    return grid, {m: decode_arrays(a, f"{path.name} model '{m}'") for m, a in data["models"].items()}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the round-2 request ({err})") from None
+    return decode_request(doc, path.name)
 
 
-def site_summary_document(preds: Predictions, site_id: str, grid: ClinicalGrid | None = None,
-                          pooled: tuple[ClinicalGrid, dict[str, dict]] | None = None,
-                          epsilon: float | None = None, seed: int | None = None) -> dict:
-    """The JSON-ready summary of one site: only aggregate arrays, no patient-level value.
+def site_summary_document(preds: Predictions, site_id: str, round2: dict | None = None,
+                          epsilon: float | None = None, seed: int | None = None, dp_grid: DPGrid = DP_GRID,
+                          minimum: MinimumCells = MinimumCells()) -> dict:
+    """The JSON-ready summary of one site: tables and totals only, no patient-level value.
 
-    With ``pooled`` (round 2), also ``placement_sums`` against the pooled
-    histograms for the paired DeLong tests (the pooled grid is then used).
-    With ``epsilon``, every model's arrays are made epsilon-DP on the coarse
-    ``DP_GRID`` (:func:`privatize_model_summary`; 3 * epsilon per model,
-    recorded in the document); paired tests are then refused, since the
-    placement sums are exact.
+    ``round2`` (a request of :func:`load_round2_request`) adds the placement
+    sums for the paired DeLong tests. With ``epsilon``, every model's tables
+    are epsilon-DP on ``dp_grid`` (3 x epsilon per model, recorded in the
+    document); paired tests are then refused, since the placement sums are
+    exact. Raises ValueError naming the site when it is below ``minimum``.
     """
+    if epsilon is not None and round2 is not None:
+        raise ValueError("--pooled (paired DeLong sums) cannot be combined with --epsilon: "
+                         "the placement sums would be released without noise")
+    doc = {"format": SITE_FORMAT, "site_id": site_id, "protocol": "exact" if epsilon is None else "dp-laplace",
+           "models": {}}
     if epsilon is not None:
-        if pooled is not None:
-            raise ValueError("--pooled (paired DeLong sums) cannot be combined with --epsilon: "
-                             "the placement sums would be released without noise")
-        grid = DP_GRID if grid is None else grid
-    if pooled is not None:
-        grid = pooled[0]
-    grid = ClinicalGrid() if grid is None else grid
-    rng = np.random.default_rng(seed)
-    doc = {"format": SITE_FORMAT, "site_id": site_id, "grid": grid.to_dict(), "models": {}}
-    if epsilon is not None:
-        doc["privacy"] = {"mechanism": "Laplace on counts, sums rebuilt at bin centres",
-                          "epsilon_per_model": 3.0 * float(epsilon),
+        doc["privacy"] = {"mechanism": "Laplace noise on the counts of a coarse grid; tables at bin centres",
+                          "grid": dp_grid.to_dict(), "epsilon_per_model": 3.0 * float(epsilon),
                           "epsilon_total": 3.0 * float(epsilon) * len(preds.scores)}
+    rng = np.random.default_rng(seed)
     for m, s in preds.scores.items():
-        arrays = model_site_summary(preds.labels, s, preds.probs[m], preds.times, preds.events, grid)
-        if epsilon is not None:
-            arrays = privatize_model_summary(arrays, epsilon, rng, grid)
-        doc["models"][m] = {"prob_source": preds.prob_source[m], "arrays": encode_arrays(arrays)}
-    if pooled is not None:
-        histograms = pooled[1]
-        unknown = sorted(set(histograms) - set(preds.scores))
-        if unknown or len(histograms) < 2:
-            raise ValueError(f"the pooled histograms list models {sorted(histograms)}; this site has "
+        rows = (preds.labels, s, preds.probs[m], preds.times, preds.events)
+        exact = model_summary(*rows)
+        check_minimum(exact, minimum, f"site {site_id}, model '{m}'")
+        tables = (exact if epsilon is None else
+                  privatize_model_summary(*rows, epsilon, rng, dp_grid, where=f"site {site_id}, model '{m}'"))
+        doc["models"][m] = {"prob_source": preds.prob_source[m], "totals": summary_totals(tables),
+                            "tables": encode_arrays(tables)}
+    if round2 is not None:
+        if round2["site_id"] != site_id:
+            raise ValueError(f"the round-2 request is for site {round2['site_id']!r}, not {site_id!r} "
+                             "(give this site's file, or its --site-id)")
+        unknown = sorted(set(round2["models"]) - set(preds.scores))
+        if unknown or len(round2["models"]) < 2:
+            raise ValueError(f"the round-2 request lists models {sorted(round2['models'])}; this site has "
                              f"{sorted(preds.scores)} (a paired test needs 2 or more shared models)")
-        models = sorted(histograms)
-        sums = placement_sums(preds.labels, {m: preds.scores[m] for m in models}, histograms, grid.base)
-        doc["placement_sums"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in sums.items()}
+        sums = placement_sums(preds.labels, preds.scores, round2)
+        doc["placement_sums"] = encode_placement_sums(sums)
     return doc
-
-
-def write_site_summary(predictions: str | Path, out: str | Path, site_id: str | None = None,
-                       pooled: str | Path | None = None, epsilon: float | None = None,
-                       seed: int | None = None) -> Path:
-    """Read ``predictions``, write the site summary JSON to ``out``; returns ``out``."""
-    preds = read_predictions(predictions)
-    site = site_id or Path(predictions).stem
-    doc = site_summary_document(preds, site, pooled=load_pooled_histograms(pooled) if pooled else None,
-                                epsilon=epsilon, seed=seed)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc))
-    return out

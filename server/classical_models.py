@@ -31,7 +31,7 @@ from scipy import stats
 from hccfed.server import federated_stats as fs
 from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
 from hccfed.server.federated_stats import Send
-from hccfed.server.pool_summaries import jsonable
+from hccfed.server.pooled_figures import jsonable
 from hccfed.server.radiomics_selection import select_radiomics
 
 R_SCORE = "R_score"

@@ -1,8 +1,9 @@
 """The clinical figures of several models, as tables and plots (from ``model_figures`` dicts).
 
 Input: ``{model name: figures}`` where figures is what
-:func:`server.pool_summaries.model_figures` returns for the pooled summary
-(AUC with DeLong CI, ROC points, C-index, Youden threshold metrics, Brier,
+:func:`server.pooled_figures.model_figures` returns for the pooled summary
+(AUC with DeLong CI, ROC points, C-index, the operating point at a declared
+or validation threshold, Brier,
 calibration, Hosmer-Lemeshow, net benefit, Kaplan-Meier by risk group with
 log-rank, time-dependent AUC at 24 months). A figure that could not be
 computed is ``{"error": ...}`` and shows as "-". Used by the run report of
@@ -49,11 +50,12 @@ def discrimination_rows(models: dict[str, dict]) -> list[dict[str, str]]:
 
 
 def threshold_rows(models: dict[str, dict]) -> list[dict[str, str]]:
-    """Per model: the Youden threshold (score units) and the metrics at it."""
+    """Per model: the threshold (score units), where it was chosen, and the metrics at it."""
     rows = []
     for name, f in models.items():
         t = _ok(f.get("threshold"))
-        rows.append({"model": name, "threshold (score)": fmt(t.get("youden_threshold"), 2),
+        rows.append({"model": name, "threshold (score)": fmt(t.get("threshold"), 2),
+                     "chosen on": str(t.get("chosen_on", "- (no threshold given)")),
                      **{key: fmt(t.get(key)) for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv")}})
     return rows
 
@@ -64,7 +66,8 @@ def paired_rows(paired: dict | None) -> list[dict[str, str]]:
         return []
     return [{"model A": t["model_a"], "model B": t["model_b"],
              "AUC A": fmt(t.get("auc_a")), "AUC B": fmt(t.get("auc_b")), "difference": fmt(t.get("diff")),
-             "z": fmt(t.get("z"), 2), "p": fmt_p(t.get("p_value"))} for t in paired.get("tests", [])]
+             "z": fmt(t.get("z"), 2), "p": fmt_p(t.get("p_value")), "p (Holm)": fmt_p(t.get("p_holm"))}
+            for t in paired.get("tests", [])]
 
 
 def plots(models: dict[str, dict]) -> list[tuple[str, str]]:
@@ -100,7 +103,8 @@ def sections(models: dict[str, dict], paired: dict | None = None) -> tuple[list[
     """(Markdown lines, HTML parts) of the clinical figures of ``models``."""
     md, parts = [], []
     for title, rows in (("Discrimination and calibration", discrimination_rows(models)),
-                        ("At the Youden threshold", threshold_rows(models)),
+                        ("Operating point (threshold chosen before testing, e.g. Youden on validation)",
+                         threshold_rows(models)),
                         ("Paired DeLong tests", paired_rows(paired))):
         if rows:
             md += [f"## {title}", "", markdown_table(rows), ""]
@@ -128,8 +132,11 @@ def write_pooled_report(figures: dict, out_dir: Path) -> Path:
                               "AUC (95% CI)": f"{fmt(meta.get('estimate'))} ({fmt(meta.get('ci_lower'))}-"
                                               f"{fmt(meta.get('ci_upper'))})", "C-index": "-"})
     title = f"hccfed pooled evaluation of {figures['n_sites']} sites"
-    intro = ("All figures are computed from the sites' aggregate summaries (counts and sums per bin); "
-             "no patient row was pooled.")
+    exact = figures.get("protocol", "exact") == "exact"
+    intro = ("All figures are computed from the sites' summary tables (each distinct score, risk and "
+             "(time, score) with its counts); no patient row was pooled. "
+             + ("The tables are exact: every figure equals the per-patient figure of the pooled rows."
+                if exact else "The tables are noisy (differential privacy): the figures carry that noise."))
     if site_rows:
         md += ["## Per site", "", markdown_table(site_rows), ""]
         parts += ["<h2>Per site</h2>", html_table(site_rows)]

@@ -75,8 +75,8 @@ NOTES = (
     "AUC: early recurrence (within 24 months) from the recurrence head, 95% CI by DeLong; "
     "patients censored before 24 months without recurrence have no label and are excluded from the AUC. "
     "C-index: Harrell's, from the Cox risk head, all test patients. "
-    "All figures are computed from per-site histograms of the test predictions (the federated path); "
-    "no per-patient row reaches the server."
+    "All figures are computed from per-site tables of the test predictions (each distinct prediction with its "
+    "counts: the federated path, exact); no per-patient row reaches the server."
 )
 
 
@@ -130,10 +130,10 @@ def _privacy_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
 
 
 PRIVACY_NOTE = (
-    "What left each hospital: model weights in each training round, and at evaluation fixed-size histograms of "
-    "its test predictions (the same size for 10 or 10,000 patients). Epsilon is the DP-SGD budget each site's "
-    "accountant reported in its last round (RDP accountant, Opacus); a site stops training when it is spent. "
-    "The evaluation histograms are exact counts unless stated otherwise."
+    "What left each hospital: model weights in each training round, and at evaluation tables of its "
+    "predictions (each distinct prediction with its counts, unlinked from ids and from each other; at most one "
+    "row per patient). Epsilon is the DP-SGD budget each site's accountant reported in its last round (RDP "
+    "accountant, Opacus); a site stops training when it is spent. The evaluation tables are exact counts."
 )
 
 

@@ -32,7 +32,7 @@ from hccfed.client.site_data import site_split
 from hccfed.client.privacy import PrivateTraining
 from hccfed.client.training import TrainSettings, train_local
 from hccfed.common.site_config import load_site_config, site_config_to_yaml
-from hccfed.common.metrics.summaries import SummaryGrid, site_summary
+from hccfed.common.metrics.summaries import site_summary
 from hccfed.common.models.fusion import build_model
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.federated_eval import pooled_figures
@@ -123,9 +123,8 @@ def bench_dp_step(work: Path, batch: int = 16, repeats: int = 3, encoder: str = 
 
 def bench_pooling() -> dict[str, float]:
     rng = np.random.default_rng(0)
-    grid = SummaryGrid()
     summaries = [site_summary(rng.integers(-1, 2, n), rng.normal(size=n), rng.exponential(30, n),
-                              rng.integers(0, 2, n), grid) for n in (200, 120, 80)]
+                              rng.integers(0, 2, n)) for n in (200, 120, 80)]
     return {"pool_3_sites_s": _median_time(lambda: pooled_figures(summaries))}
 
 

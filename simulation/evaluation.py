@@ -2,9 +2,12 @@
 
 Every model, federated or reference, is tested on the same patients (each hospital's test
 split, or with ``external`` every patient of a held-out hospital) through the same summary
-path as a federated run: each site's histograms, pooled by the server's code. The paired
-DeLong tests between models use the two-round summary protocol. ``oracle_figures`` is the
-one function that reads the generator's true risk (the oracle): only the report shows it.
+path as a federated run: each site's exact tables, pooled by the server's code. The
+operating point (sensitivity, specificity, PPV, NPV) is taken at Youden's threshold of the
+training hospitals' validation splits, through the same tables, never of the test patients.
+The paired DeLong tests between models use the two-round summary protocol, with
+Holm-adjusted p-values. ``oracle_figures`` is the one function that reads the generator's
+true risk (the oracle): only the report shows it.
 """
 
 from __future__ import annotations
@@ -21,24 +24,36 @@ from hccfed.client.evaluation import clinical_summary, evaluation_summary
 from hccfed.client.site import Site
 from hccfed.client.site_data import ALL, SplitData
 from hccfed.client.training import predict
-from hccfed.common.metrics.federated_delong import delong_paired_from_sums, placement_sums, pool_placement_sums
-from hccfed.common.metrics.summaries import SummaryGrid, site_summary
-from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
+from hccfed.common.metrics.federated_delong import (delong_paired_from_sums, placement_request, placement_sums,
+                                                     pool_placement_sums)
+from hccfed.common.metrics.summaries import AUC_KEYS, pool_summaries, site_summary
+from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures, validation_threshold
+from hccfed.server.pooling import with_holm
 from hccfed.simulation.cohort import oracle_path
 
+THRESHOLD_SOURCE = "Youden's threshold of the training hospitals' validation splits"
 
-EvaluationSets = list[tuple[str, SplitData]]
+
+class EvaluationSets(list):
+    """The test sets, a list of (site id, SplitData), with ``validation``: the (site id, SplitData)
+    of the training hospitals' validation splits, where operating points are chosen."""
+
+    def __init__(self, tests, validation=()):
+        super().__init__(tests)
+        self.validation = list(validation)
 
 
 def evaluation_sets(sites: list[Site], external: str | None = None) -> EvaluationSets:
     """The patients every model is tested on: each hospital's test split (internal validation), or
-    every patient of the held-out hospital ``external`` (external validation, leave-one-site-out)."""
+    every patient of the held-out hospital ``external`` (external validation, leave-one-site-out);
+    and the validation splits of the other hospitals."""
+    validation = [(site.site_id, site.split("val")) for site in sites if site.site_id != external]
     if external is None:
-        return [(site.site_id, site.split("test")) for site in sites]
+        return EvaluationSets([(site.site_id, site.split("test")) for site in sites], validation)
     held = [site for site in sites if site.site_id == external]
     if not held:
         raise ValueError(f"--external {external!r}: no such site (sites: {', '.join(s.site_id for s in sites)})")
-    return [(external, held[0].split(ALL))]
+    return EvaluationSets([(external, held[0].split(ALL))], validation)
 
 
 class TestPredictions:
@@ -64,51 +79,66 @@ class TestPredictions:
         return sorted(set.intersection(*sets)) if sets else []
 
 
-def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """Pooled and per-site figures from (site, data, logits, log-risks), through the sites' histograms."""
+def operating_threshold(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> float | None:
+    """Youden's threshold of the pooled score tables of validation (site, data, logits, log-risks);
+    None without validation patients of both classes (the operating point is then not reported)."""
+    summaries = [evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
+                 for _, data, logits, risks in rows]
+    try:
+        return validation_threshold(summaries) if summaries else None
+    except ValueError:
+        return None
+
+
+def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]],
+                    validation: list[tuple[str, SplitData, np.ndarray, np.ndarray]] = ()) -> dict[str, Any]:
+    """Pooled and per-site figures from (site, data, logits, log-risks) of the test patients, through the
+    sites' tables; the operating point at the threshold chosen on ``validation`` (same form)."""
     summaries, clinical = {}, []
     for site_id, data, logits, risks in rows:
         values = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
         summaries[site_id] = evaluation_summary(*values)
         clinical.append(clinical_summary(*values))
+    threshold = operating_threshold(list(validation))
     return {"test": pooled_figures(list(summaries.values())),
             "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
-            "figures": pooled_clinical_figures(clinical)}
+            "figures": pooled_clinical_figures(clinical, threshold, THRESHOLD_SOURCE)}
 
 
 def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | None = None,
                      book: TestPredictions | None = None) -> dict[str, Any]:
-    """Test figures of ``model`` on ``sets`` through the same histogram path as a federated run;
-    its scores go into ``book`` (under ``name``) for the paired DeLong tests."""
+    """Test figures of ``model`` on ``sets`` through the same summary path as a federated run (its
+    operating point from ``sets.validation``); its test scores go into ``book`` (under ``name``)
+    for the paired DeLong tests."""
     rows = []
     for site_id, data in sets:
         logits, risks = predict(model, data)
         rows.append((site_id, data, logits, risks))
         if book is not None and name is not None:
             book.add(name, site_id, data, logits)
-    return evaluate_scores(rows)
+    validation = [(site_id, data, *predict(model, data)) for site_id, data in getattr(sets, "validation", [])]
+    return evaluate_scores(rows, validation)
 
 
 def paired_delong_tests(book: TestPredictions, reference: str | None = "federated") -> dict[str, Any]:
     """Paired DeLong tests between the models in ``book``, by the two-round summary protocol.
 
-    Round 1: each site's per-class histograms of every model's scores, pooled.
-    Round 2: each site's placement sums against the pooled histograms
-    (:func:`common.metrics.federated_delong.placement_sums`), pooled; the test
+    Round 1: each site's score table of every model, pooled. Round 2: each
+    site's placement sums against its request
+    (:func:`common.metrics.federated_delong.placement_request` /
+    :func:`~common.metrics.federated_delong.placement_sums`), pooled; the test
     follows from those sums only. ``reference`` is compared with every other
-    model (all pairs when it is absent). Same format as `pool-summaries`.
+    model (all pairs when it is absent); p-values Holm-adjusted over the
+    tests made. Same format as `pool-summaries`.
     """
     models = book.models()
     if len(models) < 2:
         return {"status": "one model only: no paired test"}
-    grid = SummaryGrid()
-    pooled = {}
-    for m in models:
-        per_site = [site_summary(book.rows[s][0], book.scores[s][m], book.rows[s][1], book.rows[s][2], grid)
-                    for s in book.scores]
-        pooled[m] = {k: np.sum([p[k] for p in per_site], axis=0) for k in ("auc_pos", "auc_neg")}
-    answers = [placement_sums(book.rows[s][0], {m: book.scores[s][m] for m in models}, pooled, grid)
-               for s in book.scores]
+    tables = {s: {m: site_summary(book.rows[s][0], book.scores[s][m], book.rows[s][1], book.rows[s][2])
+                  for m in models} for s in book.scores}
+    pooled = {m: pool_summaries([{k: tables[s][m][k] for k in AUC_KEYS} for s in tables]) for m in models}
+    answers = [placement_sums(book.rows[s][0], {m: book.scores[s][m] for m in models},
+                              placement_request(pooled, tables[s], s)) for s in book.scores]
     total = pool_placement_sums(answers)
     pairs = ([(reference, m) for m in models if m != reference] if reference in models
              else list(itertools.combinations(models, 2)))
@@ -118,18 +148,23 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
             tests.append({"model_a": a, "model_b": b, **delong_paired_from_sums(total, a, b)})
         except ValueError as err:
             tests.append({"model_a": a, "model_b": b, "error": str(err)})
-    return {"status": "computed", "tests": tests}
+    return {"status": "computed", "tests": with_holm(tests)}
 
 
 def oracle_figures(data_dir: Path, sets: EvaluationSets) -> dict[str, Any]:
-    """The generator's true risk on the same test patients: the best any model can do."""
+    """The generator's true risk on the same test patients: the best any model can do (its operating
+    point chosen on the validation patients' true risks)."""
     oracle = pd.read_csv(oracle_path(data_dir)).set_index(["site_id", "patient_id"])
-    rows = []
-    for site_id, data in sets:
-        truth = oracle.loc[[(site_id, pid) for pid in data.patient_ids]]
-        risk = np.clip(truth["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
-        rows.append((site_id, data, np.log(risk / (1 - risk)), truth["linear_predictor"].to_numpy(dtype=float)))
-    figures = evaluate_scores(rows)
+
+    def rows(pairs):
+        out = []
+        for site_id, data in pairs:
+            truth = oracle.loc[[(site_id, pid) for pid in data.patient_ids]]
+            risk = np.clip(truth["true_risk_24m"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
+            out.append((site_id, data, np.log(risk / (1 - risk)), truth["linear_predictor"].to_numpy(dtype=float)))
+        return out
+
+    figures = evaluate_scores(rows(sets), rows(getattr(sets, "validation", [])))
     return {"test": figures["test"], "figures": figures["figures"]}
 
 

@@ -70,7 +70,7 @@ def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "sites": {site: {"bytes_sent_per_round": sent, "dp_sgd_epsilon_spent": spent.get(site)}
                       for site, sent in entry["bytes_sent_per_round"].items()}}
     return {"runs": runs,
-            "evaluation_summaries": "exact counts (histograms of test predictions; no per-patient value)"}
+            "evaluation_summaries": "exact tables of the distinct test predictions with their counts (no patient id, no row)"}
 
 
 def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: EvaluationSets,
@@ -88,6 +88,8 @@ def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: Eval
     if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
         internal = {k: result[k] for k in ("test", "test_per_site", "figures") if k in result}
         tested = evaluate_on_test(federated_model(run), sets, name, book)
+        if external is None and "figures" in result:  # the operating point at the validation threshold
+            result["figures"]["threshold"] = tested["figures"]["threshold"]
         if external is not None:
             result["internal_test"] = internal
             result.update(tested)

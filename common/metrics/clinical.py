@@ -1,22 +1,22 @@
-"""Clinical evaluation of a binary risk prediction on per-patient arrays: the pooled reference.
+"""Threshold metrics and the paired DeLong test on per-patient arrays: the pooled reference.
 
-Paired DeLong test, threshold metrics and Youden's threshold, Brier score,
-calibration (binned curve, intercept and slope), Hosmer-Lemeshow test and the
-net benefit of decision curves. The federated forms in
-:mod:`common.metrics.federated_clinical` are checked against these.
+Paired DeLong test of two correlated AUCs, the confusion table at a threshold
+and Youden's threshold. Calibration-type figures (Brier, calibration curve,
+intercept and slope, Hosmer-Lemeshow, net benefit) are in
+:mod:`common.metrics.calibration`. The summary forms in
+:mod:`common.metrics.summary_discrimination` and :mod:`common.metrics.federated_delong`
+are checked against these.
 
 Conventions (as in :mod:`common.metrics.discrimination`):
 
 - A HIGHER SCORE MEANS HIGHER RISK. Scores are logits or any risk score;
   probabilities are predicted risks in [0, 1] of the positive class.
 - ``labels`` hold 1 (recurrence, positive) and 0 (no recurrence); callers
-  drop the unknown label ``-1`` before calling (the federated summaries do
-  that themselves).
+  drop the unknown label ``-1`` before calling (the summaries do that themselves).
 - A patient is predicted positive (high risk) when ``score >= threshold``
   (or ``prob >= threshold``), up to a relative tolerance of 1e-9
-  (:func:`at_or_above`), so that a threshold recomputed from sums (a bin
-  mean one ulp off an observed score) classifies that score as the
-  per-patient threshold does.
+  (:func:`at_or_above`), so that a threshold written to a JSON file and read
+  back, or typed by hand from a printed value, classifies as intended.
 
 All inputs are 1-D arrays of shape ``(n,)``.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import chi2, norm
+from scipy.stats import norm
 
 from hccfed.common.metrics.discrimination import _as_1d_float, _as_binary, _check_same_length, _placements
 
@@ -35,15 +35,7 @@ __all__ = [
     "threshold_metrics",
     "metrics_from_counts",
     "youden_threshold",
-    "brier_score",
-    "calibration_curve",
-    "calibration_intercept_slope",
-    "fit_logistic_recalibration",
-    "hosmer_lemeshow",
-    "hosmer_lemeshow_from_groups",
-    "quantile_group_index",
-    "net_benefit",
-    "net_benefit_from_counts",
+    "youden_from_sorted_counts",
     "logit",
     "at_or_above",
 ]
@@ -66,13 +58,6 @@ def _check_both_classes(y: NDArray[np.bool_], what: str) -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         raise ValueError(f"{what} is undefined when only one class is present (n_pos={n_pos}, n_neg={y.size - n_pos})")
-
-
-def _as_probs(probs: ArrayLike) -> NDArray[np.float64]:
-    p = _as_1d_float(probs, "probs")
-    if ((p < 0) | (p > 1)).any():
-        raise ValueError("probs must lie in [0, 1]")
-    return p
 
 
 def logit(probs: ArrayLike) -> NDArray[np.float64]:
@@ -192,7 +177,7 @@ def threshold_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) ->
                                int((~pred & ~y).sum()), int((~pred & y).sum()))
 
 
-def _youden_from_sorted_counts(values: NDArray, pos: NDArray, neg: NDArray) -> tuple[float, float]:
+def youden_from_sorted_counts(values: NDArray, pos: NDArray, neg: NDArray) -> tuple[float, float]:
     """Best threshold over distinct ascending ``values`` with per-value class counts.
 
     Candidate thresholds are the values themselves (positive iff score >=
@@ -221,232 +206,4 @@ def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
     values, inverse = np.unique(s, return_inverse=True)
     pos = np.bincount(inverse[y], minlength=values.size)
     neg = np.bincount(inverse[~y], minlength=values.size)
-    return _youden_from_sorted_counts(values, pos, neg)[0]
-
-
-# --------------------------------------------------------------- calibration
-def brier_score(labels: ArrayLike, probs: ArrayLike) -> float:
-    """Mean squared difference between predicted risk and outcome, in [0, 1].
-
-    labels : shape (n,), 0/1; probs : shape (n,), predicted risks in [0, 1].
-    Equals ``sklearn.metrics.brier_score_loss``.
-    """
-    y, _ = _binary_and_values(labels, probs, "probs")
-    p = _as_probs(probs)
-    return float(np.mean((p - y) ** 2))
-
-
-def calibration_curve(labels: ArrayLike, probs: ArrayLike, n_bins: int = 10) -> dict[str, NDArray]:
-    """Binned reliability curve on ``n_bins`` equal-width bins of [0, 1].
-
-    Bin k holds ``edges[k] < p <= edges[k+1]`` (the first bin also holds 0),
-    as ``sklearn.calibration.calibration_curve(strategy="uniform")``.
-
-    Returns
-    -------
-    dict of arrays of shape (n_bins,): bin_lower, bin_upper, count,
-    mean_predicted and observed_rate (NaN for empty bins; sklearn drops them).
-    """
-    y, _ = _binary_and_values(labels, probs, "probs")
-    p = _as_probs(probs)
-    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.searchsorted(edges[1:-1], p, side="left")
-    count = np.bincount(idx, minlength=n_bins).astype(float)
-    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
-    sum_y = np.bincount(idx, weights=y.astype(float), minlength=n_bins)
-    return _curve(edges, count, sum_p, sum_y)
-
-
-def _curve(edges: NDArray, count: NDArray, sum_p: NDArray, sum_y: NDArray) -> dict[str, NDArray]:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.where(count > 0, sum_p / count, np.nan)
-        rate = np.where(count > 0, sum_y / count, np.nan)
-    return {"bin_lower": edges[:-1], "bin_upper": edges[1:], "count": count,
-            "mean_predicted": mean_p, "observed_rate": rate}
-
-
-def _check_not_separated(x: NDArray, yw: NDArray, nw: NDArray) -> None:
-    """Raise when the classes are (quasi-)completely separated along ``x``: no finite slope exists.
-
-    Values closer than 1e-6 (relative) count as tied, so the federated fit,
-    whose pseudo-patients carry rounding noise of that order, agrees with the
-    per-patient one on which data sets have no estimate.
-    """
-    pos, neg = x[yw > 0], x[(nw - yw) > 0]
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("logistic recalibration needs both classes")
-    tol = 1e-6 * max(1.0, float(np.max(np.abs(x))))
-    if pos.min() >= neg.max() - tol or pos.max() <= neg.min() + tol:
-        raise ValueError("logistic recalibration has no finite slope: the classes are perfectly separated "
-                         "by the predicted risk (complete or quasi-complete separation)")
-
-
-def fit_logistic_recalibration(
-    x: NDArray, y_weight: NDArray, n_weight: NDArray, fix_slope: bool = False, max_iter: int = 100
-) -> tuple[float, float]:
-    """Weighted logistic regression of the outcome on ``x`` (Newton-Raphson).
-
-    Parameters
-    ----------
-    x : shape (m,), covariate values (logits of the predicted risks).
-    y_weight : shape (m,), number of positives at each value.
-    n_weight : shape (m,), number of patients at each value (>= y_weight).
-    fix_slope : if True, fit only the intercept with ``x`` as an offset
-        (slope fixed to 1): calibration-in-the-large.
-
-    Returns
-    -------
-    (intercept, slope). Raises ValueError when it does not converge
-    (e.g. perfect separation).
-    """
-    x, yw, nw = (np.asarray(a, dtype=float) for a in (x, y_weight, n_weight))
-    if not fix_slope:
-        _check_not_separated(x, yw, nw)
-    beta = np.zeros(2) if not fix_slope else np.array([0.0, 1.0])
-    design = np.column_stack([np.ones_like(x), x])
-    for _ in range(max_iter):
-        eta = design @ beta
-        mu = 0.5 * (1.0 + np.tanh(0.5 * eta))  # stable sigmoid
-        grad = design.T @ (yw - nw * mu)
-        info = (design * (nw * mu * (1.0 - mu))[:, None]).T @ design
-        if fix_slope:
-            step = np.array([grad[0] / info[0, 0], 0.0]) if info[0, 0] > 0 else np.array([np.inf, 0.0])
-        else:
-            try:
-                step = np.linalg.solve(info, grad)
-            except np.linalg.LinAlgError:
-                step = np.array([np.inf, np.inf])
-        if not np.isfinite(step).all():
-            break
-        beta = beta + step
-        if np.max(np.abs(step)) < 1e-10:
-            return float(beta[0]), float(beta[1])
-    raise ValueError("logistic recalibration did not converge (perfect separation or one class only?)")
-
-
-def calibration_intercept_slope(labels: ArrayLike, probs: ArrayLike) -> dict[str, float]:
-    """Logistic recalibration of predicted risks (Cox 1958; Van Calster 2016).
-
-    Fits ``logit P(y=1) = a + b * logit(p)`` by maximum likelihood (no
-    penalty): ``slope`` = b (1 is ideal; < 1 means too extreme predictions)
-    and ``intercept`` = a of that joint fit. ``citl`` is the
-    calibration-in-the-large: the intercept with ``logit(p)`` as an offset
-    (slope fixed at 1; 0 is ideal, > 0 means risks too low on average).
-    Probabilities are clipped to [1e-12, 1 - 1e-12] before the logit.
-
-    Raises ValueError for one class only or when the fit does not converge.
-    """
-    y, _ = _binary_and_values(labels, probs, "probs")
-    p = _as_probs(probs)
-    _check_both_classes(y, "the calibration slope")
-    x = logit(p)
-    ones = np.ones_like(x)
-    a, b = fit_logistic_recalibration(x, y.astype(float), ones)
-    citl, _ = fit_logistic_recalibration(x, y.astype(float), ones, fix_slope=True)
-    return {"intercept": a, "slope": b, "citl": citl}
-
-
-# --------------------------------------------------------------- Hosmer-Lemeshow
-def quantile_group_index(values: NDArray, quantiles: NDArray) -> NDArray[np.intp]:
-    """Group 0..g-1 of each value given g+1 quantile cut points.
-
-    Group 0 holds ``values <= q[1]``, group k holds ``q[k] < values <= q[k+1]``
-    (R's ``cut(..., include.lowest=TRUE)``, blorr's grouping). Tied values
-    always share a group.
-    """
-    g = len(quantiles) - 1
-    return (np.clip(np.searchsorted(quantiles, values, side="left"), 1, g) - 1).astype(np.intp)
-
-
-def hosmer_lemeshow_from_groups(n: NDArray, observed: NDArray, expected: NDArray, n_groups: int) -> dict:
-    """Hosmer-Lemeshow statistic from per-group totals.
-
-    n, observed, expected : shape (g,): patients, observed positives and the
-    sum of predicted risks per group. Empty groups are dropped. The statistic
-    is sum (O - E)^2 / E + ((n - O) - (n - E))^2 / (n - E) over groups, with
-    ``n_groups - 2`` degrees of freedom (terms with E = 0 or E = n count 0
-    when O equals E, and make the statistic infinite otherwise).
-    """
-    n, o, e = (np.asarray(a, dtype=float) for a in (n, observed, expected))
-    keep = n > 0
-    n, o, e = n[keep], o[keep], e[keep]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t1 = np.where(e > 0, (o - e) ** 2 / e, np.where(o == e, 0.0, np.inf))
-        t0 = np.where(n - e > 0, (o - e) ** 2 / (n - e), np.where(o == e, 0.0, np.inf))
-    stat = float(np.sum(t1 + t0))
-    df = n_groups - 2
-    return {"chi2": stat, "df": df, "p_value": float(chi2.sf(stat, df)),
-            "n": n, "observed": o, "expected": e}
-
-
-def hosmer_lemeshow(labels: ArrayLike, probs: ArrayLike, n_groups: int = 10, grouping: str = "quantile") -> dict:
-    """Hosmer-Lemeshow goodness-of-fit test on groups of predicted risk.
-
-    Parameters
-    ----------
-    labels : shape (n,), 0/1.  probs : shape (n,), predicted risks in [0, 1].
-    n_groups : g, the number of risk groups (deciles: 10); df = g - 2.
-    grouping : ``"quantile"`` (default): cut at the type-7 quantiles of the
-        risks, ties kept together (blorr, R ``cut``); the federated form
-        reproduces it. ``"rank"``: sort and cut the ranks into g equal-size
-        groups, ``ceil(rank / n * g)`` (UtilStat's ``hosmerLemeshowTest``);
-        tied risks may be split, so it has no federated form.
-
-    Returns
-    -------
-    dict with chi2, df, p_value and per-group arrays n, observed (positives),
-    expected (sum of risks).
-    """
-    y, _ = _binary_and_values(labels, probs, "probs")
-    p = _as_probs(probs)
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < 3:
-        raise ValueError(f"n_groups must be an integer >= 3, got {n_groups!r}")
-    if grouping == "quantile":
-        group = quantile_group_index(p, np.quantile(p, np.linspace(0.0, 1.0, n_groups + 1)))
-    elif grouping == "rank":
-        order = np.argsort(p, kind="stable")
-        group = np.empty(p.size, dtype=np.intp)
-        group[order] = np.ceil(np.arange(1, p.size + 1) / p.size * n_groups).astype(np.intp) - 1
-    else:
-        raise ValueError(f"grouping must be 'quantile' or 'rank', got {grouping!r}")
-    n = np.bincount(group, minlength=n_groups)
-    o = np.bincount(group, weights=y.astype(float), minlength=n_groups)
-    e = np.bincount(group, weights=p, minlength=n_groups)
-    return hosmer_lemeshow_from_groups(n, o, e, n_groups)
-
-
-# --------------------------------------------------------------- decision curves
-def net_benefit_from_counts(tp: NDArray, fp: NDArray, n: float, n_pos: float, thresholds: NDArray) -> dict:
-    """Net benefit at each threshold from true/false positive counts (shape (m,))."""
-    pt = np.asarray(thresholds, dtype=float)
-    odds = pt / (1.0 - pt)
-    prevalence = n_pos / n
-    return {"thresholds": pt, "model": np.asarray(tp) / n - np.asarray(fp) / n * odds,
-            "treat_all": prevalence - (1.0 - prevalence) * odds, "treat_none": np.zeros_like(pt)}
-
-
-def net_benefit(labels: ArrayLike, probs: ArrayLike, thresholds: ArrayLike) -> dict[str, NDArray]:
-    """Decision-curve net benefit (Vickers & Elkin 2006).
-
-    Parameters
-    ----------
-    labels : shape (n,), 0/1.  probs : shape (n,), predicted risks.
-    thresholds : shape (m,), threshold probabilities p_t in (0, 1); a patient
-        is treated iff ``prob >= p_t``.
-
-    Returns
-    -------
-    dict of arrays of shape (m,): thresholds, model = TP/n - FP/n * p_t/(1-p_t),
-    treat_all = prevalence - (1 - prevalence) * p_t/(1-p_t), treat_none = 0.
-    """
-    y, _ = _binary_and_values(labels, probs, "probs")
-    p = _as_probs(probs)
-    pt = np.atleast_1d(np.asarray(thresholds, dtype=float))
-    if pt.ndim != 1 or ((pt <= 0) | (pt >= 1)).any() or not np.isfinite(pt).all():
-        raise ValueError("thresholds must be a 1-D array of probabilities in (0, 1)")
-    treat = at_or_above(p[None, :], pt[:, None])
-    tp = (treat & y[None, :]).sum(axis=1)
-    fp = (treat & ~y[None, :]).sum(axis=1)
-    return net_benefit_from_counts(tp, fp, float(y.size), float(y.sum()), pt)
+    return youden_from_sorted_counts(values, pos, neg)[0]

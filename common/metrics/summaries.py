@@ -1,130 +1,72 @@
-"""Federated discrimination metrics: per-site histograms and server-side pooling.
+"""Site summaries that are exact for any score: tables of distinct values with their counts.
 
-Each site bins its own (label, score, time, event) rows into fixed-size count
-arrays with :func:`site_summary`; the server adds the arrays of all sites with
-:func:`pool_summaries` and computes the pooled AUC (with DeLong's CI) and
-Harrell's C-index from the sums alone (:func:`auc_from_summary`,
-:func:`cindex_from_summary`). No patient row leaves a site, and the size of a
-summary does not depend on the number of patients.
+A site turns its patients' rows into tables (:func:`model_summary`, or
+:func:`site_summary` for the discrimination and survival tables only); the
+server merges the tables of all sites, adding the counts of equal values
+(:func:`pool_summaries`). A pooled table is the table of the pooled rows, so
+every figure computed from it (``common.metrics.summary_*``) is the
+per-patient figure of the pooled rows, whatever the scale of the scores:
+probabilities squeezed near 0, points, offsets, heavy tails, negative
+scores, integer scores with ties. Nothing is binned, clipped or rounded; a
+value is kept as the float the site read.
 
-Sign convention: a HIGHER SCORE MEANS HIGHER RISK of recurrence (as in
-:mod:`common.metrics.discrimination`).
+The tables of one model (flat keys, 1-D arrays, so a Flower ArrayRecord carries them):
 
-Exactness. The pooled figures are *exactly* the per-patient figures of the
-binned data: the AUC equals ``roc_auc`` on the scores replaced by their
-score-bin index (patients sharing a bin are ties), and the C-index equals
-``lifelines.utils.concordance_index`` on (time-bin index, -C-index-score-bin
-index, event), i.e. patients in the same time bin are treated as having tied
-times, lifelines' way: an event and a censored patient in the same time bin
-form a comparable pair with the event taken first; two events, or two
-censored patients, in one time bin are not comparable. When the scores (and
-times) already lie on the grid with at most one distinct value per bin, the
-federated figures equal the pooled ones exactly.
+- score table ``auc_value`` (k,) float64, strictly ascending, with
+  ``auc_pos``, ``auc_neg`` (k,) int64: the patients with a known label
+  (1 / 0) that have each distinct score. -> AUC, DeLong, ROC, thresholds.
+- probability table ``prob_value``, ``prob_pos``, ``prob_neg``: the same for
+  the predicted risk in [0, 1]. -> Brier, calibration, Hosmer-Lemeshow, net benefit.
+- survival table ``cidx_time``, ``cidx_score`` (m,) float64, ordered by time
+  then score, each (time, score) pair once, with ``cidx_event`` and
+  ``cidx_all`` (m,) int64: the events and all patients (unknown labels
+  included) that have it. -> C-index, Kaplan-Meier by risk group, log-rank,
+  time-dependent AUC.
 
-Resolution trade-off. Finer bins bring the federated figures closer to the
-exact pooled ones (fewer artificial ties), but the arrays grow, and at fine
-resolution each occupied cell holds one patient, so the histograms approach
-the information content of the unlinked (score, time, event) triples of every
-patient. That is a real disclosure (e.g. a rare long follow-up time with its
-score), which is why a later version adds differential-privacy noise to the
-counts. Default grid (:class:`SummaryGrid`): AUC scores in 4000 bins of width
-0.005 over [-10, 10] (two int64 vectors, 32 kB each); C-index scores in 1000
-bins of width 0.02, times in 480 bins of 0.25 months up to 120 months (later
-times share the last bin): two int32 arrays of 480 x 1000 = 1.9 MB each.
+What a site reveals by them: for each model, the multiset of its patients'
+(label, score) pairs, of their (label, risk) pairs and of their (time,
+event, score) triples, each table unlinked from the others, from the other
+models and from patient ids; the order of the rows is gone. That is what
+exactness for any score costs: a coarser table could not rank a score of
+one site against a close score of another. Sites below a minimum cell size
+are refused (:mod:`common.metrics.summary_checks`) so that no single
+patient's row can be read back; ``common.metrics.summary_dp`` releases
+noisy, binned tables instead.
+
+Sign convention: a HIGHER SCORE MEANS HIGHER RISK. Times are months >= 0;
+events 1 = recurrence observed, 0 = censored; labels 1 / 0 / -1 (unknown).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import norm
 
 __all__ = [
-    "SummaryGrid",
-    "SUMMARY_KEYS",
+    "AUC_KEYS",
+    "PROB_KEYS",
+    "SURVIVAL_KEYS",
+    "EVALUATION_KEYS",
+    "MODEL_KEYS",
+    "validate_rows",
+    "class_table",
+    "survival_table",
     "site_summary",
+    "model_summary",
     "pool_summaries",
-    "auc_from_summary",
-    "cindex_from_summary",
-    "roc_curve_from_summary",
+    "check_summary",
+    "table_groups",
 ]
 
-SUMMARY_KEYS: tuple[str, ...] = ("auc_pos", "auc_neg", "cidx_event", "cidx_all")
-
-
-@dataclass(frozen=True)
-class SummaryGrid:
-    """Binning of scores and follow-up times shared by all sites and the server.
-
-    Scores are clipped to ``[score_min, score_max]`` and cut into equal-width
-    bins: ``score_bins`` bins for the AUC and (coarser) ``cindex_score_bins``
-    for the C-index. Times in months are cut into bins of ``time_bin_months``
-    starting at 0; times at or beyond ``time_max_months`` go to the last bin.
-    Every site and the server must use the same grid.
-    """
-
-    score_min: float = -10.0
-    score_max: float = 10.0
-    score_bins: int = 4000
-    cindex_score_bins: int = 1000
-    time_bin_months: float = 0.25
-    time_max_months: float = 120.0
-
-    def __post_init__(self) -> None:
-        if not (np.isfinite(self.score_min) and np.isfinite(self.score_max)):
-            raise ValueError("score_min and score_max must be finite")
-        if self.score_max <= self.score_min:
-            raise ValueError(f"score_max ({self.score_max}) must exceed score_min ({self.score_min})")
-        for name in ("score_bins", "cindex_score_bins"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.time_bin_months > 0 or not np.isfinite(self.time_bin_months):
-            raise ValueError(f"time_bin_months must be positive, got {self.time_bin_months}")
-        if not self.time_max_months >= self.time_bin_months or not np.isfinite(self.time_max_months):
-            raise ValueError(
-                f"time_max_months ({self.time_max_months}) must be finite and "
-                f">= time_bin_months ({self.time_bin_months})"
-            )
-
-    @property
-    def time_bins(self) -> int:
-        """Number of time bins: ceil(time_max_months / time_bin_months)."""
-        return int(np.ceil(self.time_max_months / self.time_bin_months - 1e-9))
-
-    def _bin(self, scores: ArrayLike, bins: int) -> NDArray[np.intp]:
-        s = np.asarray(scores, dtype=float)
-        if np.isnan(s).any():
-            raise ValueError("scores contain NaN")
-        s = np.clip(s, self.score_min, self.score_max)
-        idx = np.floor((s - self.score_min) * bins / (self.score_max - self.score_min))
-        return np.clip(idx, 0, bins - 1).astype(np.intp)
-
-    def score_bin_index(self, scores: ArrayLike) -> NDArray[np.intp]:
-        """AUC score-bin index in [0, score_bins), same shape as ``scores``."""
-        return self._bin(scores, self.score_bins)
-
-    def cindex_score_bin_index(self, scores: ArrayLike) -> NDArray[np.intp]:
-        """C-index score-bin index in [0, cindex_score_bins), same shape as ``scores``."""
-        return self._bin(scores, self.cindex_score_bins)
-
-    def time_bin_index(self, times: ArrayLike) -> NDArray[np.intp]:
-        """Time-bin index in [0, time_bins), same shape as ``times`` (months, >= 0)."""
-        t = np.asarray(times, dtype=float)
-        if np.isnan(t).any():
-            raise ValueError("times contain NaN")
-        if (t < 0).any():
-            raise ValueError("times must be >= 0 months")
-        idx = np.floor(np.minimum(t, self.time_max_months) / self.time_bin_months)
-        return np.clip(idx, 0, self.time_bins - 1).astype(np.intp)
-
-    def score_bin_centers(self, cindex: bool = False) -> NDArray[np.float64]:
-        """Centres of the AUC score bins (or of the C-index bins), shape (bins,)."""
-        bins = self.cindex_score_bins if cindex else self.score_bins
-        width = (self.score_max - self.score_min) / bins
-        return self.score_min + (np.arange(bins) + 0.5) * width
+AUC_KEYS: tuple[str, ...] = ("auc_value", "auc_pos", "auc_neg")
+PROB_KEYS: tuple[str, ...] = ("prob_value", "prob_pos", "prob_neg")
+SURVIVAL_KEYS: tuple[str, ...] = ("cidx_time", "cidx_score", "cidx_event", "cidx_all")
+#: What a site sends at each evaluation of a Flower run: the score and survival tables.
+EVALUATION_KEYS: tuple[str, ...] = AUC_KEYS + SURVIVAL_KEYS
+#: Every table of one model (the clinical summary).
+MODEL_KEYS: tuple[str, ...] = AUC_KEYS + PROB_KEYS + SURVIVAL_KEYS
+_GROUPS = {"auc": AUC_KEYS, "prob": PROB_KEYS, "cidx": SURVIVAL_KEYS}
+_VALUE_KEYS = {"auc_value", "prob_value", "cidx_time", "cidx_score"}
 
 
 def validate_rows(
@@ -137,7 +79,7 @@ def validate_rows(
         if a.ndim != 1:
             raise ValueError(f"{name} must be 1-dimensional with shape (n,), got shape {a.shape}")
         if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise ValueError(f"{name} contains NaN or infinite values ({int((~np.isfinite(a)).sum())} patients)")
         arrays[name] = a
     lengths = {k: v.shape[0] for k, v in arrays.items()}
     if len(set(lengths.values())) > 1:
@@ -146,186 +88,179 @@ def validate_rows(
         raise ValueError("labels must be 1 (recurrence), 0 (no recurrence) or -1 (unknown)")
     if not np.isin(arrays["events"], (0.0, 1.0)).all():
         raise ValueError("events must contain only 0 and 1")
+    if (arrays["times"] < 0).any():
+        raise ValueError(f"times must be >= 0 months ({int((arrays['times'] < 0).sum())} patients are not)")
     return arrays["labels"], arrays["scores"], arrays["times"], arrays["events"]
 
 
-def site_summary(
-    labels: ArrayLike,
-    scores: ArrayLike,
-    times: ArrayLike,
-    events: ArrayLike,
-    grid: SummaryGrid | None = None,
-) -> dict[str, NDArray[np.integer]]:
-    """One site's count arrays; their size does not depend on the number of patients.
+def class_table(labels: NDArray, values: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+    """(distinct values ascending, positives, negatives) over the patients with label 1 or 0."""
+    known = labels >= 0
+    value, inverse = np.unique(values[known], return_inverse=True)
+    pos = np.bincount(inverse, weights=labels[known] == 1, minlength=value.size).astype(np.int64)
+    neg = np.bincount(inverse, weights=labels[known] == 0, minlength=value.size).astype(np.int64)
+    return value.astype(np.float64), pos, neg
 
-    Parameters
-    ----------
-    labels : shape (n,), 1 = recurrence, 0 = none, -1 = unknown (the patient
-        is left out of the AUC counts but still counts for the C-index).
-    scores : shape (n,), finite; higher = higher risk.
-    times : shape (n,), follow-up in months (>= 0).
-    events : shape (n,), 1 = recurrence observed at ``times``, 0 = censored.
-    grid : the shared binning; default ``SummaryGrid()``.
 
-    Returns
-    -------
-    ``auc_pos``, ``auc_neg``: int64, shape (score_bins,): positives/negatives
-    per AUC score bin. ``cidx_event``, ``cidx_all``: int32, shape
-    (time_bins, cindex_score_bins): events, and all patients, per time bin and
-    C-index score bin. See the module docstring for the resolution trade-off.
+def survival_table(times: NDArray, events: NDArray, scores: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """(time, score, events, patients) per distinct (time, score) pair, ordered by time then score."""
+    pairs, inverse = np.unique(np.column_stack([times, scores]).reshape(-1, 2), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    all_ = np.bincount(inverse, minlength=pairs.shape[0]).astype(np.int64)
+    ev = np.bincount(inverse, weights=events, minlength=pairs.shape[0]).astype(np.int64)
+    return pairs[:, 0].astype(np.float64), pairs[:, 1].astype(np.float64), ev, all_
+
+
+def _tables(prefix: str, arrays: tuple[NDArray, ...]) -> dict[str, NDArray]:
+    return dict(zip(_GROUPS[prefix], arrays))
+
+
+def site_summary(labels: ArrayLike, scores: ArrayLike, times: ArrayLike, events: ArrayLike,
+                 survival_scores: ArrayLike | None = None) -> dict[str, NDArray]:
+    """The score table and the survival table of one site (keys :data:`EVALUATION_KEYS`).
+
+    labels : shape (n,), 1 / 0 / -1 (unknown: left out of the score table,
+        kept in the survival table). scores : shape (n,), finite, higher =
+        higher risk. times : months >= 0. events : 1 = recurrence observed.
+    survival_scores : shape (n,), the score of the survival table (e.g. a
+        Cox log-risk beside the logit of ``scores``); default ``scores``.
     """
-    grid = SummaryGrid() if grid is None else grid
     y, s, t, e = validate_rows(labels, scores, times, events)
-    sb = grid.score_bin_index(s)
-    auc_pos = np.bincount(sb[y == 1], minlength=grid.score_bins).astype(np.int64)
-    auc_neg = np.bincount(sb[y == 0], minlength=grid.score_bins).astype(np.int64)
-    shape = (grid.time_bins, grid.cindex_score_bins)
-    flat = grid.time_bin_index(t) * shape[1] + grid.cindex_score_bin_index(s)
-    size = shape[0] * shape[1]
-    cidx_all = np.bincount(flat, minlength=size).reshape(shape).astype(np.int32)
-    cidx_event = np.bincount(flat[e == 1], minlength=size).reshape(shape).astype(np.int32)
-    return {"auc_pos": auc_pos, "auc_neg": auc_neg, "cidx_event": cidx_event, "cidx_all": cidx_all}
+    r = s if survival_scores is None else validate_rows(labels, survival_scores, times, events)[1]
+    return {**_tables("auc", class_table(y, s)), **_tables("cidx", survival_table(t, e, r))}
 
 
-def _check_summary(summary: dict, where: str) -> None:
-    missing = [k for k in SUMMARY_KEYS if k not in summary]
-    if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
-    for key in SUMMARY_KEYS:
-        a = np.asarray(summary[key])
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{where}: '{key}' must hold integer counts, got dtype {a.dtype}")
-        if (a < 0).any():
-            raise ValueError(f"{where}: '{key}' has negative counts")
-    if np.shape(summary["auc_pos"]) != np.shape(summary["auc_neg"]) or np.ndim(summary["auc_pos"]) != 1:
-        raise ValueError(f"{where}: 'auc_pos' and 'auc_neg' must be 1-D of equal shape")
-    if np.shape(summary["cidx_event"]) != np.shape(summary["cidx_all"]) or np.ndim(summary["cidx_all"]) != 2:
-        raise ValueError(f"{where}: 'cidx_event' and 'cidx_all' must be 2-D of equal shape")
+def model_summary(labels: ArrayLike, scores: ArrayLike, probs: ArrayLike, times: ArrayLike, events: ArrayLike,
+                  survival_scores: ArrayLike | None = None) -> dict[str, NDArray]:
+    """Every table of one model at one site (keys :data:`MODEL_KEYS`).
 
-
-def pool_summaries(summaries: list[dict]) -> dict[str, NDArray[np.int64]]:
-    """Sum site summaries key by key (int64); the result does not depend on order.
-
-    Raises ValueError for an empty list, missing keys, non-integer or negative
-    counts, or shapes that differ between sites (different grids).
+    As :func:`site_summary`, plus probs : shape (n,), the predicted risk of
+    early recurrence in [0, 1] (calibration-type figures).
     """
-    if len(summaries) == 0:
+    y, s, t, e = validate_rows(labels, scores, times, events)
+    p = np.asarray(probs, dtype=float)
+    if p.shape != y.shape:
+        raise ValueError(f"mismatched lengths: probs has shape {p.shape}, labels {y.shape}")
+    bad = ~np.isfinite(p) | (p < 0) | (p > 1)
+    if bad.any():
+        raise ValueError(f"probs must lie in [0, 1] ({int(bad.sum())} patients do not)")
+    out = site_summary(y, s, t, e, survival_scores)
+    out.update(_tables("prob", class_table(y, p)))
+    return {k: out[k] for k in MODEL_KEYS}
+
+
+def table_groups(summary: dict) -> list[str]:
+    """Which tables (``auc``, ``prob``, ``cidx``) a summary holds; a partial table is an error."""
+    groups = []
+    for prefix, keys in _GROUPS.items():
+        present = [k for k in keys if k in summary]
+        if present and len(present) < len(keys):
+            raise ValueError(f"the {prefix} table lacks {sorted(set(keys) - set(present))}")
+        if present:
+            groups.append(prefix)
+    return groups
+
+
+def check_summary(summary: dict, where: str = "summary", exact: bool = True) -> list[str]:
+    """Check the tables of one summary; returns its table groups. ValueError naming ``where`` and the array.
+
+    Values finite and strictly ascending (survival: by time, then score),
+    counts non-negative integers, no empty row, events <= patients,
+    probabilities in [0, 1], times >= 0, all arrays of a table equally long,
+    and (``exact``; not for the noisy tables of ``summary_dp``) the score and
+    probability tables holding the same patients.
+    """
+    try:
+        groups = table_groups(summary)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not groups:
+        raise ValueError(f"{where}: no table (expected the keys {list(MODEL_KEYS)})")
+    for prefix in groups:
+        keys = _GROUPS[prefix]
+        arrays = {k: np.asarray(summary[k]) for k in keys}
+        lengths = {a.shape for a in arrays.values()}
+        if any(a.ndim != 1 for a in arrays.values()) or len(lengths) > 1:
+            raise ValueError(f"{where}: the arrays {list(keys)} must be 1-D of one length, got shapes "
+                             f"{ {k: a.shape for k, a in arrays.items()} }")
+        for key, a in arrays.items():
+            if key in _VALUE_KEYS:
+                if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a.astype(float)).all():
+                    raise ValueError(f"{where}: '{key}' must hold finite numbers")
+            elif not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
+                raise ValueError(f"{where}: '{key}' must hold non-negative integer counts")
+        _check_order_and_rows(prefix, arrays, where)
+    if exact and "auc" in groups and "prob" in groups:
+        for cls in ("pos", "neg"):
+            a, b = int(np.sum(summary[f"auc_{cls}"])), int(np.sum(summary[f"prob_{cls}"]))
+            if a != b:
+                raise ValueError(f"{where}: 'auc_{cls}' adds up to {a} patients but 'prob_{cls}' to {b}")
+    return groups
+
+
+def _check_order_and_rows(prefix: str, a: dict[str, NDArray], where: str) -> None:
+    if prefix == "cidx":
+        t, s = a["cidx_time"].astype(float), a["cidx_score"].astype(float)
+        ascending = (np.diff(t) > 0) | ((np.diff(t) == 0) & (np.diff(s) > 0))
+        if not ascending.all():
+            raise ValueError(f"{where}: 'cidx_time', 'cidx_score' must be ordered by time then score, "
+                             f"each pair once (row {int(np.argmin(ascending)) + 1} is not)")
+        if (t < 0).any():
+            raise ValueError(f"{where}: 'cidx_time' holds negative times")
+        if (a["cidx_all"] < 1).any():
+            raise ValueError(f"{where}: 'cidx_all' has an empty row")
+        if (a["cidx_event"] > a["cidx_all"]).any():
+            raise ValueError(f"{where}: 'cidx_event' exceeds 'cidx_all' in "
+                             f"{int((a['cidx_event'] > a['cidx_all']).sum())} rows (more events than patients)")
+        return
+    value = a[f"{prefix}_value"].astype(float)
+    if not (np.diff(value) > 0).all():
+        raise ValueError(f"{where}: '{prefix}_value' must be strictly ascending, each value once")
+    if ((a[f"{prefix}_pos"] + a[f"{prefix}_neg"]) < 1).any():
+        raise ValueError(f"{where}: the {prefix} table has an empty row")
+    if prefix == "prob" and value.size and (value[0] < 0 or value[-1] > 1):
+        raise ValueError(f"{where}: 'prob_value' holds values outside [0, 1]")
+
+
+def _merge_class(tables: list[tuple[NDArray, NDArray, NDArray]]) -> tuple[NDArray, NDArray, NDArray]:
+    value, inverse = np.unique(np.concatenate([np.asarray(t[0], dtype=float) for t in tables]), return_inverse=True)
+    out = []
+    for col in (1, 2):
+        counts = np.concatenate([np.asarray(t[col], dtype=np.int64) for t in tables])
+        out.append(np.bincount(inverse, weights=counts, minlength=value.size).astype(np.int64))
+    return value, out[0], out[1]
+
+
+def _merge_survival(tables: list[tuple[NDArray, ...]]) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    pairs = np.concatenate([np.column_stack([np.asarray(t[0], float), np.asarray(t[1], float)]).reshape(-1, 2)
+                            for t in tables])
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = []
+    for col in (2, 3):
+        counts = np.concatenate([np.asarray(t[col], dtype=np.int64) for t in tables])
+        out.append(np.bincount(inverse, weights=counts, minlength=unique.shape[0]).astype(np.int64))
+    return unique[:, 0].copy(), unique[:, 1].copy(), out[0], out[1]
+
+
+def pool_summaries(summaries: list[dict], names: list[str] | None = None, exact: bool = True) -> dict[str, NDArray]:
+    """Merge site summaries: equal values share a row, their counts add up; order does not matter.
+
+    Every summary is checked (:func:`check_summary` with ``exact``, errors
+    name the site by ``names[i]`` or its position) and all must hold the same tables.
+    Returns the pooled tables (the tables of the pooled rows).
+    """
+    if not summaries:
         raise ValueError("pool_summaries needs at least one site summary")
-    for i, summary in enumerate(summaries):
-        _check_summary(summary, f"summary {i}")
-    pooled: dict[str, NDArray[np.int64]] = {}
-    for key in SUMMARY_KEYS:
-        shapes = {np.shape(s[key]) for s in summaries}
-        if len(shapes) > 1:
-            raise ValueError(f"summaries disagree on the shape of '{key}': {sorted(shapes)}")
-        pooled[key] = np.sum([np.asarray(s[key], dtype=np.int64) for s in summaries], axis=0)
+    names = [f"summary {i}" for i in range(len(summaries))] if names is None else list(names)
+    groups = [check_summary(s, names[i], exact) for i, s in enumerate(summaries)]
+    for i, g in enumerate(groups):
+        if g != groups[0]:
+            raise ValueError(f"{names[i]} holds the tables {g}, {names[0]} holds {groups[0]}")
+    pooled: dict[str, NDArray] = {}
+    for prefix in groups[0]:
+        keys = _GROUPS[prefix]
+        tables = [tuple(np.asarray(s[k]) for k in keys) for s in summaries]
+        merged = _merge_survival(tables) if prefix == "cidx" else _merge_class(tables)
+        pooled.update(dict(zip(keys, merged)))
     return pooled
-
-
-def auc_from_summary(pooled: dict, alpha: float = 0.05) -> dict[str, float | int]:
-    """Pooled AUC and DeLong CI from the score histograms.
-
-    Mann-Whitney on the binned scores (same bin = tie, counts 1/2). All
-    positives in one bin share one placement value V10 (fraction of negatives
-    below, plus half of those in the bin) and all negatives in one bin share
-    V01, so DeLong's variance ``var(V10)/n_pos + var(V01)/n_neg`` (unbiased
-    variances) is exact for the binned data. CI = auc +/- z * se, clipped to [0, 1].
-
-    Returns dict with keys auc, se, ci_lower, ci_upper, n_pos, n_neg.
-    Raises ValueError when a class is empty (AUC undefined) or has fewer than
-    2 members (variance undefined).
-    """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    _check_summary(pooled, "pooled summary")
-    pos = np.asarray(pooled["auc_pos"], dtype=np.int64)
-    neg = np.asarray(pooled["auc_neg"], dtype=np.int64)
-    n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUC is undefined when only one class is present (n_pos={n_pos}, n_neg={n_neg})")
-    if n_pos < 2 or n_neg < 2:
-        raise ValueError(
-            f"DeLong variance needs at least 2 positives and 2 negatives (n_pos={n_pos}, n_neg={n_neg})"
-        )
-    neg_below = np.cumsum(neg) - neg
-    pos_above = n_pos - np.cumsum(pos)
-    v10 = (neg_below + 0.5 * neg) / n_neg  # per score bin, for positives there
-    v01 = (pos_above + 0.5 * pos) / n_pos  # per score bin, for negatives there
-    auc = float(np.dot(pos, v10) / n_pos)
-    s10 = float(np.dot(pos, (v10 - auc) ** 2) / (n_pos - 1))
-    s01 = float(np.dot(neg, (v01 - auc) ** 2) / (n_neg - 1))
-    se = float(np.sqrt(s10 / n_pos + s01 / n_neg))
-    z = float(norm.ppf(1.0 - alpha / 2.0))
-    return {
-        "auc": auc,
-        "se": se,
-        "ci_lower": max(0.0, auc - z * se),
-        "ci_upper": min(1.0, auc + z * se),
-        "n_pos": n_pos,
-        "n_neg": n_neg,
-    }
-
-
-def cindex_from_summary(pooled: dict) -> dict[str, float | int]:
-    """Pooled Harrell's C-index from the (time bin, score bin) histograms.
-
-    An event in cell (a, b) is compared with every patient in a later time
-    bin and with every censored patient in time bin a (lifelines' rule for
-    tied times: the event comes first); it is concordant with those in score
-    bins < b and counts 1/2 with those in score bin b. Two events in the same
-    time bin are not comparable. Vectorised with cumulative sums; a few ms on
-    the default grid.
-
-    Returns dict with keys c_index, comparable_pairs, n, n_events.
-    Raises ValueError when there is no comparable pair (e.g. all censored).
-    """
-    _check_summary(pooled, "pooled summary")
-    ev = np.asarray(pooled["cidx_event"], dtype=np.int64)
-    al = np.asarray(pooled["cidx_all"], dtype=np.int64)
-    if (ev > al).any():
-        raise ValueError("cidx_event exceeds cidx_all in some cell")
-    later = np.cumsum(al[::-1], axis=0)[::-1] - al  # patients in later time bins
-    comparators = later + (al - ev)  # ... plus censored in the same time bin
-    below = np.cumsum(comparators, axis=1) - comparators  # in lower score bins
-    twice_num = int(np.sum(ev * (2 * below + comparators)))
-    pairs = int(np.dot(ev.sum(axis=1), comparators.sum(axis=1)))
-    if pairs == 0:
-        raise ValueError("C-index is undefined: no comparable pairs (are all patients censored?)")
-    return {
-        "c_index": twice_num / (2.0 * pairs),
-        "comparable_pairs": pairs,
-        "n": int(al.sum()),
-        "n_events": int(ev.sum()),
-    }
-
-
-def roc_curve_from_summary(pooled: dict, grid: SummaryGrid | None = None) -> dict[str, NDArray[np.float64]]:
-    """The pooled ROC curve from the per-class score histograms.
-
-    One point per occupied score bin, thresholds descending: a patient counts
-    as predicted positive when its score bin is at or above the threshold bin.
-    Starts at (0, 0) and ends at (1, 1). Equals ``sklearn.metrics.roc_curve``
-    on the binned scores (``drop_intermediate=False``), so its trapezoidal area
-    is the binned AUC of :func:`auc_from_summary`.
-
-    Returns dict with ``fpr``, ``tpr`` and ``threshold`` (each shape (k,));
-    the threshold is the lower edge of the bin in score units (+inf first).
-    Raises ValueError when a class is empty or the histograms do not match ``grid``.
-    """
-    grid = SummaryGrid() if grid is None else grid
-    pos = np.asarray(pooled["auc_pos"], dtype=np.int64)
-    neg = np.asarray(pooled["auc_neg"], dtype=np.int64)
-    if pos.shape != (grid.score_bins,) or neg.shape != (grid.score_bins,):
-        raise ValueError(f"score histograms must have shape ({grid.score_bins},), got {pos.shape} and {neg.shape}")
-    n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"ROC curve is undefined when only one class is present (n_pos={n_pos}, n_neg={n_neg})")
-    occupied = np.flatnonzero(pos + neg)[::-1]  # highest score bin first
-    at_or_above_pos = np.cumsum(pos[::-1])[::-1]
-    at_or_above_neg = np.cumsum(neg[::-1])[::-1]
-    width = (grid.score_max - grid.score_min) / grid.score_bins
-    return {
-        "fpr": np.concatenate([[0.0], at_or_above_neg[occupied] / n_neg]),
-        "tpr": np.concatenate([[0.0], at_or_above_pos[occupied] / n_pos]),
-        "threshold": np.concatenate([[np.inf], grid.score_min + occupied * width]),
-    }

@@ -1,6 +1,6 @@
 """Survival figures on per-patient arrays: Kaplan-Meier, log-rank, time-dependent AUC.
 
-The pooled reference for :mod:`common.metrics.federated_survival`. Each figure
+The pooled reference for :mod:`common.metrics.summary_survival`. Each figure
 is computed in two steps, per-time count tables and then a formula on them
 (``*_from_counts``), so the federated form feeds the same formulas with
 tables built from summed histograms.

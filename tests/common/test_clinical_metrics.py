@@ -2,8 +2,10 @@
 
 References: pROC (aSAH), blorr and UtilStat (Hosmer-Lemeshow), sklearn
 (Brier, calibration curve, logistic recalibration), lifelines (Kaplan-Meier,
-log-rank), statsmodels (DerSimonian-Laird, numbers pinned below), and slow
-obvious implementations (time-dependent AUC, net benefit).
+log-rank), statsmodels (DerSimonian-Laird, numbers pinned below), R's
+p.adjust (Holm), and slow obvious implementations (time-dependent AUC, net
+benefit). The published figures are also reached through the site summary
+tables split over sites (the last section), not only per patient.
 Sign convention: higher score = higher risk.
 """
 
@@ -22,19 +24,21 @@ from sklearn.calibration import calibration_curve as sk_calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
-from hccfed.common.metrics.clinical import (
+from hccfed.common.metrics import federated_delong as FD
+from hccfed.common.metrics.calibration import (
     brier_score,
     calibration_curve,
     calibration_intercept_slope,
-    delong_paired_test,
     hosmer_lemeshow,
-    logit,
     net_benefit,
-    threshold_metrics,
-    youden_threshold,
 )
+from hccfed.common.metrics.clinical import delong_paired_test, logit, threshold_metrics, youden_threshold
 from hccfed.common.metrics.discrimination import delong_ci
 from hccfed.common.metrics.meta_analysis import dersimonian_laird
+from hccfed.common.metrics.multiple_testing import holm_adjust
+from hccfed.common.metrics.summaries import AUC_KEYS, model_summary, pool_summaries
+from hccfed.common.metrics.summary_calibration import hosmer_lemeshow_from_summary
+from hccfed.common.metrics.summary_discrimination import auc_from_summary
 from hccfed.common.metrics.survival_clinical import (
     kaplan_meier,
     logrank_test,
@@ -61,6 +65,18 @@ def _survival(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarr
     t[0], e[0] = 45.0, 0
     s = np.round(rng.normal(size=n) + 0.7 * e * (t <= 24), 1)
     return t, e, s
+
+
+def _sites(n: int, k: int) -> list[np.ndarray]:
+    """k sites of unequal size over n patients (rows dealt out of order)."""
+    order = np.random.default_rng(k).permutation(n)
+    return np.split(order, np.sort(np.random.default_rng(k + 1).choice(np.arange(1, n), k - 1, replace=False)))
+
+
+def _tables(y, score, prob, parts) -> list[dict]:
+    n = len(y)
+    return [model_summary(np.asarray(y)[i], np.asarray(score)[i], np.asarray(prob)[i], np.ones(n)[i],
+                          np.zeros(n)[i]) for i in parts]
 
 
 # ----------------------------------------------------------------- paired DeLong
@@ -146,10 +162,15 @@ def test_calibration_slope_matches_unpenalized_sklearn_logistic_regression() -> 
     assert abs(calibration_intercept_slope(y_cal, p)["slope"] - 1) < 0.35
 
 
-def test_hosmer_lemeshow_matches_blorr_published_table() -> None:
+@pytest.mark.parametrize("through", ["rows", "summaries of four sites"])
+def test_hosmer_lemeshow_matches_blorr_published_table(through: str) -> None:
     """blorr snapshot (hsb2, honcomp ~ female + read + science): chi2 5.8839, df 8, p 0.6602."""
     d = pd.read_csv(REFDATA / "hl_hsb2_fitted.csv")
-    r = hosmer_lemeshow(d["honcomp"], d["fitted_prob"])
+    if through == "rows":
+        r = hosmer_lemeshow(d["honcomp"], d["fitted_prob"])
+    else:
+        r = hosmer_lemeshow_from_summary(pool_summaries(_tables(d["honcomp"], d["fitted_prob"], d["fitted_prob"],
+                                                                _sites(len(d), 4))))
     assert round(r["chi2"], 4) == 5.8839 and r["df"] == 8 and round(r["p_value"], 4) == 0.6602
     assert r["n"].tolist() == [20, 21, 19, 22, 18, 20, 20, 21, 19, 20]
     assert r["observed"].tolist() == [0, 1, 0, 2, 2, 4, 9, 9, 13, 13]
@@ -294,3 +315,38 @@ def test_dersimonian_laird_matches_statsmodels_combine_effects() -> None:
     assert homogeneous["tau2"] == 0 and homogeneous["i2"] == 0
     with pytest.raises(ValueError, match="at least 2"):
         dersimonian_laird([0.7], [0.01])
+
+
+def test_holm_matches_r_p_adjust() -> None:
+    """R: p.adjust(c(0.01, 0.04, 0.03, 0.005, 0.5), "holm") = 0.04 0.09 0.09 0.025 0.5."""
+    np.testing.assert_allclose(holm_adjust([0.01, 0.04, 0.03, 0.005, 0.5]), [0.04, 0.09, 0.09, 0.025, 0.5])
+    adjusted = holm_adjust([0.2, np.nan, 0.01])  # a test not computed does not count
+    assert np.isnan(adjusted[1]) and adjusted.tolist()[::2] == [0.2, 0.02]
+
+
+# ----------------------------------------------------------------- the published figures through the summaries
+def test_proc_asah_auc_ci_and_roc_test_through_three_sites() -> None:
+    """pROC: AUC 0.7314 (0.6301-0.8326) for s100b; roc.test(s100b, wfns): Z = -2.209, p = 0.02718."""
+    d = pd.read_csv(REFDATA / "asah.csv")
+    y, parts = d["outcome_poor"].to_numpy(), _sites(len(d), 3)
+    sites = {m: _tables(y, d[m], np.full(len(d), 0.5), parts) for m in ("s100b", "wfns")}
+    pooled = {m: pool_summaries(t) for m, t in sites.items()}
+    auc = auc_from_summary(pooled["s100b"])
+    assert round(auc["auc"], 4) == 0.7314 and (round(auc["ci_lower"], 4), round(auc["ci_upper"], 4)) == (0.6301, 0.8326)
+    scores = {m: {k: v for k, v in pooled[m].items() if k in AUC_KEYS} for m in pooled}
+    answers = [FD.placement_sums(y[i], {m: d[m].to_numpy()[i] for m in scores},
+                                 FD.placement_request(scores, {m: sites[m][j] for m in scores}, f"site {j}"))
+               for j, i in enumerate(parts)]
+    r = FD.delong_paired_from_sums(FD.pool_placement_sums(answers), "s100b", "wfns")
+    assert r["z"] == pytest.approx(-2.209, abs=5e-4) and r["p_value"] == pytest.approx(0.02718, abs=5e-6)
+
+
+def test_utilstat_hosmer_lemeshow_of_risks_near_zero_through_three_sites() -> None:
+    """UtilStat: chi2 28.48646 (rank groups) on 26 248 risks with median 0.004, where fixed bins collapsed."""
+    d = pd.read_csv(REFDATA / "hl_utilstat_recruitment.csv")
+    pooled = pool_summaries(_tables(d["occurred"], d["pred"], d["pred"], _sites(len(d), 3)))
+    r = hosmer_lemeshow_from_summary(pooled, 10, grouping="rank")
+    assert r["chi2"] == pytest.approx(28.48646, abs=1e-5)
+    assert r["p_value"] == pytest.approx(0.0003900657, rel=1e-5)
+    per_patient = hosmer_lemeshow(d["occurred"], d["pred"])  # quantile groups: the default figure
+    assert hosmer_lemeshow_from_summary(pooled)["chi2"] == pytest.approx(per_patient["chi2"], abs=1e-9)

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from hccfed.common.metrics.summaries import SummaryGrid
+from hccfed.common.metrics.summaries import EVALUATION_KEYS, MODEL_KEYS
 from hccfed.common.models.fusion import build_model
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
-from hccfed.client.evaluation import clinical_summary
 from hccfed.server.audit import read_audit
 from hccfed.client.site_data import SplitData
 from hccfed.common.metrics.clinical import delong_paired_test
@@ -98,15 +97,11 @@ def test_each_site_is_prepared_once_per_federated_run(finished_run, tiny_site_pr
 
 
 @pytest.mark.slow
-def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tiny_cohort, tiny_site_profiles):
+def test_server_received_only_weights_and_summary_tables(finished_run, tiny_cohort, tiny_site_profiles):
     audit = read_audit(finished_run / "federated" / "messages_audit.jsonl")
     n_sites = len(tiny_cohort[1])
     model = build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()), width=4)
     weight_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    grid = SummaryGrid()
-    summary_shapes = {"auc_pos": [grid.score_bins], "auc_neg": [grid.score_bins],
-                      "cidx_event": [grid.time_bins, grid.cindex_score_bins],
-                      "cidx_all": [grid.time_bins, grid.cindex_score_bins]}
     train = [e for e in audit if e["message_type"] == "train"]
     evaluate = [e for e in audit if e["message_type"] == "evaluate"]
     assert len(train) == ROUNDS * n_sites and len(evaluate) == (ROUNDS + 1) * n_sites
@@ -116,14 +111,15 @@ def test_server_received_only_weights_and_fixed_size_summaries(finished_run, tin
         assert {k: v["shape"] for k, v in entry["array_records"]["arrays"].items()} == weight_shapes
         assert set(entry["metric_records"]["metrics"]) == {"loss", "num-examples"}
         assert entry["config_records"] == {"site": ["site-id"]}
-    clinical_shapes = {k: list(v.shape) for k, v in clinical_summary(
-        np.zeros(2), np.zeros(2), np.array([0, 1]), np.ones(2), np.ones(2)).items()}
     for i, entry in enumerate(evaluate):
         final = i >= ROUNDS * n_sites  # only the final test evaluation carries the clinical summary
         assert set(entry["array_records"]) == ({"summary", "clinical"} if final else {"summary"})
-        assert {k: v["shape"] for k, v in entry["array_records"]["summary"].items()} == summary_shapes
-        if final:  # fixed-size counts and per-bin sums, whatever the site's size
-            assert {k: v["shape"] for k, v in entry["array_records"]["clinical"].items()} == clinical_shapes
+        # tables of distinct predictions with their counts: 1-D, never longer than the site's patients
+        n = entry["metric_records"]["metrics"]["num-examples"]
+        assert set(entry["array_records"]["summary"]) == set(EVALUATION_KEYS)
+        assert all(len(v["shape"]) == 1 and v["shape"][0] <= n for v in entry["array_records"]["summary"].values())
+        if final:
+            assert set(entry["array_records"]["clinical"]) == set(MODEL_KEYS)
         assert set(entry["metric_records"]["metrics"]) == {"num-examples", "num-positive", "num-negative",
                                                            "num-events"}
         assert entry["config_records"] == {"site": ["site-id"]}
