@@ -12,10 +12,11 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from hccfed.client.ingest import check_mask, check_overlap, read_volume
+from hccfed.client.image_checks import binary_tumour, check_tumour_inside
+from hccfed.client.ingest import read_volume
 from hccfed.client.prepare import prepare_site
 from hccfed.client.qc import PatientQCError
-from hccfed.common.site_config import load_site_config, site_config_to_yaml
+from hccfed.common.site_config import MaskLabels, load_site_config, site_config_to_yaml
 from hccfed.simulation.dicom_export import export_site_dicom
 
 
@@ -110,15 +111,16 @@ def test_mask_geometry_checks():
     image.SetSpacing([2.0, 2.0, 4.0])
     mask = sitk.Image([20, 20, 10], sitk.sitkUInt8)
     mask.CopyInformation(image)
-    assert _reason(lambda: check_mask(mask, "mask", "m.nii.gz")).reason == "empty_mask"
+    labels = MaskLabels()
+    assert _reason(lambda: binary_tumour(mask, labels, "mask", "m.nii.gz")).reason == "empty_mask"
     mask[10, 10, 5] = 1
-    check_mask(mask, "mask", "m.nii.gz")
-    check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz")
-    finer = sitk.Resample(mask, [40, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
+    binary = binary_tumour(mask, labels, "mask", "m.nii.gz")
+    assert check_tumour_inside(binary, image, "image_pre", "pre.nii.gz", "m.nii.gz") is None
+    finer = sitk.Resample(binary, [40, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
                           [1.0, 1.0, 2.0], image.GetDirection())
-    check_overlap(finer, image, "image_pre", "pre.nii.gz", "m.nii.gz")  # another grid, same place: fine
-    mask.SetOrigin([500.0, 0.0, 0.0])  # e.g. another patient's mask, or a lost origin
-    err = _reason(lambda: check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz"))
+    assert check_tumour_inside(finer, image, "image_pre", "pre.nii.gz", "m.nii.gz") is None  # another grid: fine
+    binary.SetOrigin([500.0, 0.0, 0.0])  # e.g. another patient's mask, or a lost origin
+    err = _reason(lambda: check_tumour_inside(binary, image, "image_pre", "pre.nii.gz", "m.nii.gz"))
     assert err.reason == "mask_outside_image" and "pre.nii.gz" in str(err) and "m.nii.gz" in str(err)
 
 
