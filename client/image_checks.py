@@ -235,8 +235,8 @@ def load_patient(job: PatientJob) -> PatientVolumes:
     volume = read_volume_info(job.mask_path, job.mask_field)
     notes += [Note("ignored_file", job.mask_field, job.mask_path, n) for n in volume.notes]
     mask = binary_tumour(volume.image, job.mask_labels, job.mask_field, job.mask_path)
-    cut = note_for_mask_grid(mask, job.mask_path, job.mask_field)
-    notes += [cut] if cut is not None else []
+    grid_cut = note_for_mask_grid(mask, job.mask_path, job.mask_field)
+    notes += [grid_cut] if grid_cut is not None else []
     digests = {job.mask_field: (digest(volume.image), job.mask_path)}
     patients: dict[str, set[str]] = {}
     images = {}
@@ -259,10 +259,11 @@ def load_patient(job: PatientJob) -> PatientVolumes:
         seen[value] = column
     reference = images[job.mask_phase]
     reference_file = job.phase_paths[PHASES.index(job.mask_phase)]
-    for phase, path, column in zip(PHASES, job.phase_paths, job.phase_fields):
-        note = check_tumour_inside(mask, images[phase], column, path, job.mask_path)
-        if note is not None:
-            notes.append(note)
+    cut = [n for n in (check_tumour_inside(mask, images[phase], column, path, job.mask_path)
+                       for phase, path, column in zip(PHASES, job.phase_paths, job.phase_fields)) if n is not None]
+    if cut:  # one note per patient, naming every volume whose edge the tumour reaches
+        notes.append(Note("tumour_cut", cut[0].field, cut[0].file, "; ".join(
+            [cut[0].message] + [f"also in field '{n.field}' ({n.file})" for n in cut[1:]])))
     check_mask_geometry(mask, reference, job.mask_field, job.mask_path, reference_file)
     check_tumour_size(mask, reference, job.mask_field, job.mask_path, reference_file)
     return PatientVolumes(mask, images, notes, digests)

@@ -92,6 +92,15 @@ def _check_nifti_complete(path: Path, field: str) -> None:
     if size < expected:
         raise PatientQCError("unreadable_image", f"{path} is truncated: {size} bytes of image data where its "
                              f"header announces {expected}; re-export the file", field, path)
+    slope, inter = header.get_slope_inter()
+    if header.get_data_dtype().kind == "f" or (slope is not None and slope != 1) or (inter is not None and inter != 0):
+        # ITK reads NaN voxels as 0: look at the stored values themselves
+        with np.errstate(all="ignore"):
+            data = np.asanyarray(nibabel.load(str(path)).dataobj)
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise PatientQCError("non_finite_voxels", f"{path} holds {bad} NaN or infinite voxel(s) of {data.size} "
+                                 "(SimpleITK would read them as 0); re-export the volume", field, path)
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         raise PatientQCError("image_geometry", f"{path} has no world geometry (its qform_code and sform_code are "
                              "both 0): its origin and orientation are unknown; re-export it from the DICOM "

@@ -66,6 +66,7 @@ class Manifest:
     issues: tuple[QCIssue, ...] = ()
     rows: dict[str, int] = field(default_factory=dict)
     ignored_columns: tuple[str, ...] = ()
+    path: Path | None = None  # the manifest file
 
     @property
     def patient_ids(self) -> list[str]:
@@ -281,4 +282,4 @@ def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
     return Manifest(config.site_id, table.set_index("patient_id", drop=False),
                     {p: [paths[line][p] for line in kept] for p in config.phase_columns},
                     [paths[line]["mask"] for line in kept], tuple(rows.issues),
-                    {ids[line]: line for line in kept}, tuple(ignored))
+                    {ids[line]: line for line in kept}, tuple(ignored), config.manifest)

@@ -12,7 +12,6 @@ it writes nothing. Faults of the site as a whole raise (``ConfigError``,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -80,11 +79,13 @@ def file_duplicates(jobs: list[PatientJob], manifest: Manifest) -> list[QCIssue]
         if len(uses) < 2:
             continue
         for pid, column, path in uses:
-            others = [f"patient {p} field '{c}'" for p, c, _ in uses if (p, c) != (pid, column)]
-            issue = patient_issue(pid, "duplicate_image", column, path,
-                                  f"the file {path} is also used by {', '.join(others)}; one patient appears "
-                                  "twice, or a path was copied from another row")
-            issues.append(dataclasses.replace(issue, row=manifest.rows.get(pid)))
+            others = [f"patient {p} (row {manifest.rows.get(p)}, column '{c}')" for p, c, _ in uses
+                      if (p, c) != (pid, column)]
+            row = manifest.rows.get(pid)
+            issues.append(QCIssue(pid, "duplicate_image", column, path, (
+                f"patient {pid} ({manifest.path} row {row}, column '{column}'): field '{column}': the "
+                f"file {path} is also used by {', '.join(others)}; one patient appears twice, or a path was copied "
+                "from another row"), "excluded", row))
     return issues
 
 
