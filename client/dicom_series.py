@@ -123,12 +123,20 @@ def _read_slice(path: Path, field: str) -> Slice | str | None:
                  (int(ds.Rows), int(ds.Columns)))
 
 
-def scan_folder(folder: Path, field: str) -> tuple[dict[str, list[Slice]], list[str]]:
-    """({series uid: slices}, notes on skipped files) of the files directly in ``folder``."""
+def scan_folder(folder: Path, field: str, roots: tuple[Path, ...] = ()) -> tuple[dict[str, list[Slice]], list[str]]:
+    """({series uid: slices}, notes on skipped files) of the files directly in ``folder``.
+
+    ``roots``: the folders inputs may lie in; a file that resolves (through a symbolic link) outside all
+    of them is refused.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     series: dict[str, list[Slice]] = {}
     skipped, other = [], []
     for path in files:
+        real = path.resolve()
+        if roots and not any(real == r or real.is_relative_to(r) for r in roots):
+            raise PatientQCError("path_outside_root", f"{path} in the series folder is a link to {real}, outside "
+                                 "the data folder; copy the file into the export", field, path)
         found = _read_slice(path, field)
         if found is None:
             other.append(path.name)
@@ -220,10 +228,11 @@ def describe_series(folder: str | Path) -> list[tuple[str, int, str]]:
     return [(uid, len(s), s[0].description) for uid, s in series.items()]
 
 
-def read_series(folder: str | Path, field: str, series_uid: str | None = None) -> Series:
+def read_series(folder: str | Path, field: str, series_uid: str | None = None,
+                roots: tuple[Path, ...] = ()) -> Series:
     """The one DICOM series in ``folder`` (or the one named ``series_uid``), checked, as a 3-D volume."""
     folder = Path(folder)
-    series, notes = scan_folder(folder, field)
+    series, notes = scan_folder(folder, field, roots)
     if series_uid is None and len(series) > 1:
         shown = "; ".join(f"{uid} ({len(s)} files, description {s[0].description!r})" for uid, s in series.items())
         raise PatientQCError("dicom_series", f"folder {folder} holds {len(series)} DICOM series: {shown}; move each "

@@ -50,6 +50,7 @@ class PatientJob:
     mask_phase: str
     prep: Preprocessing
     mask_labels: MaskLabels = field(default_factory=MaskLabels)
+    roots: tuple[Path, ...] = ()  # the folders inputs may lie in (files inside a DICOM folder are checked)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def check_tumour_inside(mask: sitk.Image, image: sitk.Image, field_: str, file, 
 def load_patient(job: PatientJob) -> PatientVolumes:
     """Read and check every volume of one patient; raises ``PatientQCError`` on the first fault."""
     notes: list[Note] = []
-    volume = read_volume_info(job.mask_path, job.mask_field)
+    volume = read_volume_info(job.mask_path, job.mask_field, job.roots)
     notes += [Note("ignored_file", job.mask_field, job.mask_path, n) for n in volume.notes]
     mask = binary_tumour(volume.image, job.mask_labels, job.mask_field, job.mask_path)
     grid_cut = note_for_mask_grid(mask, job.mask_path, job.mask_field)
@@ -241,7 +242,7 @@ def load_patient(job: PatientJob) -> PatientVolumes:
     patients: dict[str, set[str]] = {}
     images = {}
     for phase, path, column in zip(PHASES, job.phase_paths, job.phase_fields):
-        volume = read_volume_info(path, column)
+        volume = read_volume_info(path, column, job.roots)
         notes += [Note("ignored_file", column, path, n) for n in volume.notes]
         images[phase] = check_phase(volume.image, column, path)
         digests[column] = (digest(volume.image), path)

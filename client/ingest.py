@@ -33,13 +33,16 @@ class Volume:
     patient_ids: frozenset[str] = frozenset()
 
 
-def read_volume_info(path: str | Path, field: str) -> Volume:
-    """One manifest entry (an image file or a DICOM series folder) as a Volume."""
+def read_volume_info(path: str | Path, field: str, roots: tuple[Path, ...] = ()) -> Volume:
+    """One manifest entry (an image file or a DICOM series folder) as a Volume.
+
+    ``roots``: the folders inputs may lie in (the files of a series folder are checked against them).
+    """
     path = Path(path)
     if not path.exists():
         raise PatientQCError("missing_file", f"file not found: {path}", field, path)
     if path.is_dir():
-        series = read_series(path, field)
+        series = read_series(path, field, roots=roots)
         return Volume(series.image, series.notes, series.patient_ids)
     try:
         image = sitk.ReadImage(str(path))

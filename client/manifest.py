@@ -109,16 +109,18 @@ def _read_records(config: SiteConfig) -> tuple[list[str], list[tuple[int, list[s
         data = path.read_bytes()
     except OSError as err:
         raise ManifestError(path, [f"cannot read the manifest ({err.strerror or err})"]) from None
-    reader = csv.reader(io.StringIO(_decode(path, data, config.manifest_encoding), newline=""))
-    records = []
+    reader = csv.reader(io.StringIO(_decode(path, data, config.manifest_encoding), newline=""), strict=True)
+    records, start = [], 1
     try:
         header = next(reader, [])
+        start = reader.line_num + 1
         for cells in reader:
             if any(c.strip() for c in cells):  # blank lines (or a row of empty cells) are no patient
-                records.append((reader.line_num, cells))
-    except csv.Error as err:
-        raise ManifestError(path, [f"line {reader.line_num + 1}: not valid CSV ({err}); check the quotes on that "
-                                   "line"]) from None
+                records.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as err:  # strict: a quote never closed would otherwise swallow the rows after it
+        raise ManifestError(path, [f"line {start}: not valid CSV ({err}); check the quotes from that line on"]) \
+            from None
     return [h.strip() for h in header], records
 
 

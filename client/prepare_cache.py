@@ -52,7 +52,7 @@ def patient_key(job: PatientJob) -> str:
     digest.update(PREPARE_VERSION.encode())
     digest.update(json.dumps(asdict(job.prep), sort_keys=True).encode())
     digest.update(json.dumps(asdict(job.mask_labels), sort_keys=True).encode())
-    digest.update(f"{job.mask_phase}|{job.phase_fields}|{job.mask_field}".encode())
+    digest.update(f"{job.mask_phase}|{job.phase_fields}|{job.mask_field}|{list(map(str, job.roots))}".encode())
     for path in (*job.phase_paths, job.mask_path):
         digest.update("\n".join(_file_stamps(Path(path))).encode())
     return digest.hexdigest()[:20]

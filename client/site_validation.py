@@ -59,7 +59,7 @@ def patient_jobs(config: SiteConfig, manifest: Manifest) -> list[PatientJob]:
     fields_ = tuple(config.phase_columns[p] for p in PHASES)
     return [PatientJob(pid, tuple(str(manifest.image_paths[p][i]) for p in PHASES), fields_,
                        str(manifest.mask_paths[i]), config.mask_column, config.mask_phase, config.preprocessing,
-                       config.mask_labels)
+                       config.mask_labels, config.input_roots)
             for i, pid in enumerate(manifest.patient_ids)]
 
 

@@ -316,6 +316,8 @@ def dicom_faults(c: Corpus, series) -> None:
     use("DICOM series of one slice", "dicom_series",
         extra=lambda f: [p.unlink() for p in sorted(f.glob("*.dcm"))[1:]])
     use("DICOM slices of different sizes", "dicom_geometry", at(1, _crop_slice))
+    use("DICOM slice linked from outside data_root", "path_outside_root",
+        extra=lambda f: _link_out(sorted(f.glob("*.dcm"))[3], c.outside))
     pid = c.take()
     (c.root / "dicom" / pid / "empty").mkdir(parents=True)
     c.set(pid, "image_pre", f"dicom/{pid}/empty")
@@ -334,6 +336,12 @@ def dicom_faults(c: Corpus, series) -> None:
 
 def _position(series, index):
     return pydicom.dcmread(sorted(series.glob("*.dcm"))[index]).ImagePositionPatient
+
+
+def _link_out(path, outside):
+    target = outside / f"{path.parent.parent.name}_{path.name}"
+    os.replace(path, target)
+    path.symlink_to(target)
 
 
 def _cut(path, size):

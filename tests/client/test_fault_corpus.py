@@ -52,6 +52,7 @@ def test_the_corpus_has_at_least_60_fault_kinds(corpus):
 
 
 def _check_report(c: Corpus, accepted: dict[str, str], report, registration: bool) -> None:
+    lines = c.config.manifest.read_text().splitlines()
     described = {pid: [i.describe() for i in report.issues if i.patient_id == pid] for pid in c.expected}
     for key, reasons in c.expected.items():
         if not registration:
@@ -61,8 +62,9 @@ def _check_report(c: Corpus, accepted: dict[str, str], report, registration: boo
         for issue in (i for i in report.issues if i.patient_id == key and i.severity == "excluded"):
             assert issue.field and issue.field in issue.message and issue.file, issue
             assert f"patient {key}" in issue.message or key.startswith("row"), issue
-            if issue.row is not None:
+            if issue.row is not None:  # the row named is the patient's line of the file
                 assert f"row {issue.row}" in issue.message and str(c.config.manifest) in issue.message
+                assert key.startswith("row") or key in lines[issue.row - 1], (issue, lines[issue.row - 1])
     kept = set(accepted.values()) | set(c.clean)
     if not registration:
         kept |= {p for p, r in c.expected.items() if r == {"registration_failed"}}

@@ -64,6 +64,49 @@ def test_dicom_series_is_ordered_by_position_and_keeps_geometry(tmp_path):
     assert len(warnings) == 1 and "README.txt" in warnings[0]
 
 
+SYNTAXES = ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm", "MR_small_RLE.dcm",
+            "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_padded.dcm"]
+
+
+def test_pydicom_transfer_syntaxes_read_as_the_same_volume(tmp_path):
+    """pydicom's MR_small in implicit VR, big endian, RLE, JPEG 2000, JPEG-LS (and deflate, re-encoded here):
+    a series of each gives the explicit little-endian series' volume exactly."""
+    baseline = sitk.GetArrayFromImage(read_volume(syntax_series(tmp_path / "base", "MR_small.dcm"), "x")[0])
+    for name in SYNTAXES + ["deflate"]:
+        folder = syntax_series(tmp_path / name, name)
+        if name != "deflate":
+            assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == \
+                pydicom.dcmread(get_testdata_file(name)).file_meta.TransferSyntaxUID
+        image, notes = read_volume(folder, "image_pre")
+        assert np.array_equal(sitk.GetArrayFromImage(image), baseline), name
+        assert image.GetSize() == (64, 64, 4) and notes == []
+
+
+def syntax_series(folder: Path, name: str, n: int = 4) -> Path:
+    """n copies of one of pydicom's files at 5 mm steps; pixels untouched (still in the file's transfer syntax)."""
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm" if name == "deflate" else name))
+    if name == "deflate":
+        base.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    folder.mkdir(parents=True)
+    uid = generate_uid()
+    for k in range(n):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.save_as(folder / f"s{k}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_dicomdir_and_structured_report_are_skipped_with_a_note(tmp_path):
+    folder = mr_series(tmp_path / "pre")
+    shutil.copy(get_testdata_file("test-SR.dcm"), folder / "sr.dcm")
+    shutil.copy(Path(get_testdata_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR", folder / "DICOMDIR")
+    image, notes = read_volume(folder, "image_pre")
+    assert image.GetSize() == (64, 64, 6)
+    assert len(notes) == 1 and "DICOMDIR" in notes[0] and "sr.dcm" in notes[0] and "not image slices" in notes[0]
+
+
 def test_missing_slice_is_reported_with_the_files_around_it(tmp_path):
     folder = mr_series(tmp_path / "arterial", skip=(3,))
     err = _reason(lambda: read_volume(folder, "image_arterial"))
