@@ -48,6 +48,7 @@ class Slice:
     orientation: np.ndarray | None  # ImageOrientationPatient (6 direction cosines)
     pixel_spacing: np.ndarray | None  # (row spacing, column spacing) mm
     shape: tuple[int, int]
+    rescale: tuple[float, float] = (1.0, 0.0)  # RescaleSlope, RescaleIntercept
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,19 @@ def _read_slice(path: Path, field: str) -> Slice | str | None:
     return Slice(str(path), str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("SeriesDescription", "") or ""),
                  str(ds.get("PatientID", "") or "").strip(), _floats(ds, "ImagePositionPatient", 3),
                  _floats(ds, "ImageOrientationPatient", 6), _floats(ds, "PixelSpacing", 2),
-                 (int(ds.Rows), int(ds.Columns)))
+                 (int(ds.Rows), int(ds.Columns)), _rescale(ds, path, field))
+
+
+def _rescale(ds, path: Path, field: str) -> tuple[float, float]:
+    try:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope = intercept = float("nan")
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise PatientQCError("unreadable_image", f"{path} has an invalid RescaleSlope / RescaleIntercept "
+                             f"({ds.get('RescaleSlope')!r}, {ds.get('RescaleIntercept')!r}); re-export the series",
+                             field, path)
+    return slope, intercept
 
 
 def scan_folder(folder: Path, field: str, roots: tuple[Path, ...] = ()) -> tuple[dict[str, list[Slice]], list[str]]:
@@ -253,6 +266,10 @@ def read_series(folder: str | Path, field: str, series_uid: str | None = None,
     _, slices = _geometry(slices, folder, field)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([s.file for s in slices])
+    rescales = {s.rescale for s in slices}
+    if len(rescales) > 1 or any(v != round(v) for r in rescales for v in r):
+        # per-slice or fractional rescaling: read in float, or ITK casts every slice to the first one's integer type
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError:

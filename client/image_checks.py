@@ -8,8 +8,9 @@ this order, each failure a ``PatientQCError`` with its reason code:
   component, at least ``min_voxels_per_axis`` per axis, a finite plausible
   spacing and an orthonormal direction (``image_geometry``), finite voxels
   (``non_finite_voxels``);
-- a phase: more than a handful of distinct values (``blank_image``: a constant
-  volume, or a mask given as a phase);
+- a phase: values of a plausible magnitude (``implausible_intensity``), more
+  than a handful of distinct values (``blank_image``: a constant volume, or a
+  mask given as a phase);
 - the mask: whole-numbered values among 0, the tumour and the ignored labels
   (``mask_labels``: a probability map, an undeclared LiTS-style liver label, the
   image given as the mask), then binary: tumour or not; a tumour at all
@@ -120,6 +121,10 @@ def check_phase(image: sitk.Image, field_: str, file) -> sitk.Image:
     """A phase volume: the common rules, then enough distinct values; returned as float32."""
     image = check_volume(image, field_, file)
     array = sitk.GetArrayViewFromImage(image)
+    low, high = float(array.min()), float(array.max())
+    if max(abs(low), abs(high)) > IMAGE_RULES.max_abs_intensity:
+        raise _fail("implausible_intensity", f"{file} holds voxel values in [{low:.4g}, {high:.4g}], beyond "
+                    f"+-{IMAGE_RULES.max_abs_intensity:g}: a corrupt value or a wrong rescale", field_, file)
     sample = array.ravel()[:: max(1, array.size // 200_000)]  # a sample decides quickly for a real phase
     if np.unique(sample).size < IMAGE_RULES.min_distinct_values:
         values = np.unique(array)

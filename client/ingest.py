@@ -14,6 +14,7 @@ message naming the file and what to do; the caller adds the patient id.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,38 +72,39 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _check_nifti_complete(path: Path, field: str) -> None:
-    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros): check
-    that the file holds every voxel its header announces, and that a .gz stream is complete."""
+    """What ITK does not check in a NIfTI file: every voxel its header announces present (ITK reads a
+    truncated file as zeros), no NaN or infinite voxel (ITK reads NaN as 0), and a world geometry.
+
+    The file is read whole (gzip or not, whatever its name says) and parsed by nibabel.
+    """
     import gzip
     import zlib
 
     import nibabel
 
     try:
-        header = nibabel.load(str(path)).header
+        with path.open("rb") as handle:
+            raw = handle.read()
+        data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        kind = nibabel.Nifti2Image if len(data) >= 4 and int.from_bytes(data[:4], "little") == 540 else \
+            nibabel.Nifti1Image
+        header = kind.header_class.from_fileobj(io.BytesIO(data))
         expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
             header.get_data_dtype().itemsize
-        if path.name.lower().endswith(".gz"):
-            size = 0
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-        else:
-            size = path.stat().st_size
-    except (OSError, EOFError, zlib.error, ValueError, nibabel.filebasedimages.ImageFileError) as err:
+    except (OSError, EOFError, zlib.error, ValueError, nibabel.filebasedimages.ImageFileError,
+            nibabel.spatialimages.HeaderDataError) as err:
         raise PatientQCError("unreadable_image", f"{path} is truncated or corrupt ({err}); re-export the file",
                              field, path) from None
-    if size < expected:
-        raise PatientQCError("unreadable_image", f"{path} is truncated: {size} bytes of image data where its "
+    if len(data) < expected:
+        raise PatientQCError("unreadable_image", f"{path} is truncated: {len(data)} bytes of image data where its "
                              f"header announces {expected}; re-export the file", field, path)
     slope, inter = header.get_slope_inter()
     if header.get_data_dtype().kind == "f" or (slope is not None and slope != 1) or (inter is not None and inter != 0):
-        # ITK reads NaN voxels as 0: look at the stored values themselves
         with np.errstate(all="ignore"):
-            data = np.asanyarray(nibabel.load(str(path)).dataobj)
-        bad = int(np.count_nonzero(~np.isfinite(data)))
+            values = np.asanyarray(kind.from_bytes(data).dataobj)
+        bad = int(np.count_nonzero(~np.isfinite(values)))
         if bad:
-            raise PatientQCError("non_finite_voxels", f"{path} holds {bad} NaN or infinite voxel(s) of {data.size} "
+            raise PatientQCError("non_finite_voxels", f"{path} holds {bad} NaN or infinite voxel(s) of {values.size} "
                                  "(SimpleITK would read them as 0); re-export the volume", field, path)
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         raise PatientQCError("image_geometry", f"{path} has no world geometry (its qform_code and sform_code are "

@@ -124,13 +124,13 @@ def _read_records(config: SiteConfig) -> tuple[list[str], list[tuple[int, list[s
     return [h.strip() for h in header], records
 
 
-def _required_columns(config: SiteConfig) -> list[str]:
+def _required_columns(config: SiteConfig, images: bool = True) -> list[str]:
     return (["patient_id"] + list(CLINICAL_COLUMNS) + list(LABS) + list(OUTCOME_COLUMNS)
-            + [config.phase_columns[p] for p in config.phase_columns] + [config.mask_column])
+            + ([config.phase_columns[p] for p in config.phase_columns] + [config.mask_column] if images else []))
 
 
 def _check_header(path: Path, header: list[str], config: SiteConfig,
-                  records: list[tuple[int, list[str]]]) -> list[str]:
+                  records: list[tuple[int, list[str]]], images: bool = True) -> list[str]:
     """The ignored columns; raises for a header that would make a value be read wrongly."""
     if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
         raise ManifestError(path, [f"line 1: the header is one column ({header[0][:60]!r}...): the file is not "
@@ -142,8 +142,8 @@ def _check_header(path: Path, header: list[str], config: SiteConfig,
     named = [h for h in header if h]
     for name in sorted({h for h in named if named.count(h) > 1}):
         problems.append(f"line 1: column '{name}' appears {named.count(name)} times; keep one")
-    required = _required_columns(config)
-    known = set(required) | {unit_column(lab) for lab in LABS}
+    required = _required_columns(config, images)
+    known = set(_required_columns(config)) | {unit_column(lab) for lab in LABS}
     for name in required:
         if name not in named:
             close = difflib.get_close_matches(name, [h for h in named if h not in known], n=1, cutoff=0.75)
@@ -214,7 +214,8 @@ def _patient_ids(header: list[str], records, rows: _Rows) -> dict[int, str]:
     return ids
 
 
-def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids: dict[int, str]):
+def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids: dict[int, str],
+                images: bool = True):
     """Per kept row: {column: value} and the resolved paths; every refused cell is an issue."""
     at = {name: i for i, name in enumerate(header) if name}
     values: dict[int, dict] = {}
@@ -244,7 +245,7 @@ def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids
                 column = unit_column(lab) if problem.reason == "unknown_unit" else lab
                 rows.add(line, pid, column, problem)
         paths[line] = {}
-        for key, column in columns.items():
+        for key, column in columns.items() if images else ():
             cell = check_cell(path_rule(column), cells[at[column]])
             if cell.problem:
                 rows.add(line, pid, column, cell.problem)
@@ -257,17 +258,19 @@ def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids
     return values, paths
 
 
-def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
+def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True) -> Manifest:
     """Read ``config.manifest`` and check every row.
 
     ``strict``: raise ManifestError listing all problems. Otherwise the rows
     with problems are left out and listed in ``Manifest.issues``.
+    ``images=False``: the clinical and outcome columns only (for clinical models): the image and
+    mask columns are neither required nor checked, and the paths come back empty.
     """
     header, records = _read_records(config)
-    ignored = _check_header(config.manifest, header, config, records)
+    ignored = _check_header(config.manifest, header, config, records, images)
     rows = _Rows(config.manifest)
     ids = _patient_ids(header, records, rows)
-    values, paths = _parse_rows(config, header, records, rows, ids)
+    values, paths = _parse_rows(config, header, records, rows, ids, images)
     if strict and rows.excluded:
         raise ManifestError(config.manifest, [i.message for i in rows.issues if i.severity == "excluded"])
     kept = [line for line, _ in records if line in values and line not in rows.excluded]
@@ -281,6 +284,10 @@ def read_manifest(config: SiteConfig, strict: bool = True) -> Manifest:
     table["time_months"] = table["time_months"].astype(float)
     table["event"] = table["event"].astype(np.int64)
     table["tumour_number"] = table["tumour_number"].astype(np.int64)
+    if not images:
+        return Manifest(config.site_id, table.set_index("patient_id", drop=False), {p: [] for p in
+                        config.phase_columns}, [], tuple(rows.issues), {ids[line]: line for line in kept},
+                        tuple(ignored), config.manifest)
     return Manifest(config.site_id, table.set_index("patient_id", drop=False),
                     {p: [paths[line][p] for line in kept] for p in config.phase_columns},
                     [paths[line]["mask"] for line in kept], tuple(rows.issues),

@@ -53,6 +53,8 @@ REASONS: dict[str, str] = {
     "non_finite_voxels": "the volume holds NaN or infinite voxels; re-export it",
     "blank_image": "the volume is constant or holds almost no distinct values (a blank or a mask given as a "
                    "phase); check the file named for this phase",
+    "implausible_intensity": "the volume holds voxel values of implausible magnitude (a corrupt value or a wrong "
+                             "rescale slope); re-export it",
     "dicom_series": "the DICOM folder is not one complete series; put one complete series per folder",
     "dicom_geometry": "the DICOM slices do not form one regular volume (orientation, pixel spacing, size, "
                       "position or slice spacing differ); re-export the series",

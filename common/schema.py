@@ -187,6 +187,8 @@ class ImageRules:
     spacing_mm: tuple[float, float] = (0.05, 50.0)
     #: fewer distinct voxel values than this: a blank, binary or label image, not an MR phase
     min_distinct_values: int = 8
+    #: a voxel beyond this magnitude is a corrupt value or a wrong scaling (MR and CT values are far below)
+    max_abs_intensity: float = 1e7
     #: direction matrices whose columns deviate from orthonormal by more than this are corrupt
     direction_tolerance: float = 1e-3
 

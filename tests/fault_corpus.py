@@ -90,6 +90,7 @@ class Corpus:
         self.free = list(self.table["patient_id"])
         self.expected: dict[str, set[str]] = {}  # patient (or "row N") -> the reason(s) it must end in
         self.kinds: dict[str, str] = {}  # fault kind -> its reason
+        self.accepted: dict[str, str] = {}  # valid variant -> its patient (who must be prepared)
 
     def take(self) -> str:
         return self.free.pop(0)
@@ -110,6 +111,10 @@ class Corpus:
         self.kinds[kind] = reason
         for key in keys:
             self.expected.setdefault(key, set()).add(reason)
+
+    def accept(self, kind: str, pid: str) -> None:
+        """A valid variant: ``pid`` must be prepared."""
+        self.accepted[kind] = pid
 
     def write(self) -> None:
         text = self.table.to_csv(index=False)

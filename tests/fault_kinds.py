@@ -8,6 +8,7 @@ structured report beside it, a tumour touching the edge) declare no exclusion an
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import numpy as np
@@ -153,6 +154,15 @@ def broken_phase_files(c: Corpus) -> None:
     mask = read(c.path(pid, "mask"))
     sitk.WriteImage(mask, str(c.path(pid, "image_delayed")), True)
     c.expect("the mask given as a phase", "blank_image", pid)
+    pid = c.take()
+    array, image = _phase_array(c, pid, "image_pre")
+    huge = array.astype(np.float32)
+    huge[3, 3, 3] = 3e30
+    write_like(huge, image, c.path(pid, "image_pre"))
+    c.expect("a voxel of 3e30", "implausible_intensity", pid)
+    pid = c.take()
+    c.path(pid, "image_arterial").write_bytes(gzip.decompress(c.path(pid, "image_arterial").read_bytes()))
+    c.accept("an uncompressed NIfTI named .nii.gz", pid)
 
 
 def phase_geometry(c: Corpus) -> None:

@@ -33,7 +33,7 @@ def corpus(tiny_cohort, tmp_path_factory):
     for fault in PATIENT_FAULTS:
         fault(c)
     registration_fault(c)
-    accepted = accepted_variants(c)
+    accepted = {**c.accepted, **accepted_variants(c)}
     valid = accepted["portal phase as DICOM: mixed transfer syntaxes, DICOMDIR, SR, RT dose, README"] = c.take()
     series = tmp / "series"  # the module's one DICOM export: the valid patient's portal phase
     write_dicom_series(read(c.path(valid, "image_portal")), series, valid, "portal phase", "1.2.826.0.1.1",

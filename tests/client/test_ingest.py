@@ -98,6 +98,22 @@ def syntax_series(folder: Path, name: str, n: int = 4) -> Path:
     return folder
 
 
+def test_per_slice_rescaling_is_applied_exactly(tmp_path):
+    """Slices with their own RescaleSlope / Intercept (as some scanners write): ITK alone would cast every
+    slice to the first slice's integer type and lose the fractions."""
+    folder = mr_series(tmp_path / "pre", n=4)
+    files = sorted(folder.glob("*.dcm"), key=lambda f: int(f.stem.split("_")[-1]))
+    rescale = [(1.0, 0.0), (1.0, 10.0), (2.5, 0.0), (0.5, -3.0)]
+    for file, (slope, intercept) in zip(files, rescale):
+        ds = pydicom.dcmread(file)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(file)
+    volume = sitk.GetArrayFromImage(read_volume(folder, "image_pre")[0])
+    stored = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(float)
+    for k, (slope, intercept) in enumerate(rescale):
+        assert np.array_equal(volume[k], (stored + 100 * k) * slope + intercept), k
+
+
 def test_dicomdir_and_structured_report_are_skipped_with_a_note(tmp_path):
     folder = mr_series(tmp_path / "pre")
     shutil.copy(get_testdata_file("test-SR.dcm"), folder / "sr.dcm")
