@@ -24,6 +24,7 @@ Every failure raises ``client.qc.PatientQCError`` naming the folder or file.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ import SimpleITK as sitk
 
 from hccfed.client.qc import PatientQCError
 from hccfed.common.schema import DICOM_RULES, NON_IMAGE_SOP_PREFIXES
+
+
+#: A well-formed DICOM UID: numeric components separated by dots, at most 64 characters.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -89,21 +94,37 @@ def _read_slice(path: Path, field: str) -> Slice | str | None:
             raise PatientQCError("unreadable_image", f"cannot read DICOM file {path}: it is truncated or corrupt "
                                  f"({type(err).__name__}: {str(err)[:120]}); re-export the series",
                                  field, path) from None
+    try:
+        return _classify(ds, path, field, part10, caught)
+    except PatientQCError:
+        raise
+    except Exception as err:  # a header damaged in a way no rule names: still this file, still refused
+        raise PatientQCError("unreadable_image", f"cannot read DICOM file {path}: its header is corrupt "
+                             f"({type(err).__name__}: {str(err)[:120]}); re-export the series", field, path) from None
+
+
+def _classify(ds, path: Path, field: str, part10: bool, caught) -> Slice | str | None:
     meta = getattr(ds, "file_meta", None)
     sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if sop and not _UID.fullmatch(sop):
+        raise PatientQCError("unreadable_image", f"DICOM file {path} has a corrupt SOP class UID {sop[:70]!r}; "
+                             "re-export the series", field, path)
     if not sop and "PixelData" not in ds:
         if part10:
             raise PatientQCError("unreadable_image", f"cannot read DICOM file {path}: no SOP class and no pixel "
                                  "data (truncated or corrupt); re-export the series", field, path)
         return None
-    if sop.startswith(NON_IMAGE_SOP_PREFIXES) or (sop and "Image Storage" not in pydicom.uid.UID(sop).name
-                                                  and "PixelData" not in ds):
-        return f"{path.name} ({pydicom.uid.UID(sop).name or sop})"
+    name = pydicom.uid.UID(sop).name if sop else ""
+    if sop.startswith(NON_IMAGE_SOP_PREFIXES) or (sop and "Image Storage" not in name and "PixelData" not in ds):
+        return f"{path.name} ({name or sop})"  # a directory, report, private non-image object...: skipped
     truncated = any("End of file" in str(w.message) or "truncat" in str(w.message).lower() for w in caught)
     if "PixelData" not in ds or truncated:
-        raise PatientQCError("unreadable_image", f"DICOM file {path} is truncated: its pixel data is cut short; "
-                             "re-export the series", field, path)
+        raise PatientQCError("unreadable_image", f"DICOM file {path} is truncated or corrupt: its pixel data is "
+                             "missing or cut short; re-export the series", field, path)
     syntax = meta.get("TransferSyntaxUID") if meta else None
+    if syntax is not None and not syntax.is_transfer_syntax:
+        raise PatientQCError("unreadable_image", f"DICOM file {path} names an unknown transfer syntax {str(syntax)!r} "
+                             "(a corrupt header); re-export the series", field, path)
     try:
         expected = _expected_pixel_bytes(ds)
     except (AttributeError, TypeError, ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from hccfed.common.schema import LABS, MAX_ID_LENGTH, MISSING_TOKENS, FieldRule
 
 #: A plain decimal number, as a spreadsheet writes it (no thousands separators, no "1_000", no "0x1f").
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True)

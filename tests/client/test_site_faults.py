@@ -256,3 +256,13 @@ def test_exit_codes_when_no_patient_is_usable_and_on_an_unforeseen_error(site, t
     assert hccfed_cli.main(["validate", "--site", str(path)]) == 4
     err = capsys.readouterr().err
     assert "unexpected error (ZeroDivisionError" in err and "Traceback" not in err
+
+
+def test_readme_documents_every_reason_code_and_exit_code():
+    from hccfed.client.qc import REASONS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Pointing it at a hospital's own data"):]
+    section = section[:section.index("\n## ", 10)]
+    missing = [r for r in REASONS if f"| `{r}` |" not in section]
+    assert missing == [] and all(f"**{code}**" in section for code in range(5))
