@@ -88,7 +88,10 @@ def _check_nifti_complete(path: Path, field: str) -> None:
         data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
         kind = nibabel.Nifti2Image if len(data) >= 4 and int.from_bytes(data[:4], "little") == 540 else \
             nibabel.Nifti1Image
-        header = kind.header_class.from_fileobj(io.BytesIO(data))
+        header = kind.header_class.from_fileobj(io.BytesIO(data), check=False)
+        magic = bytes(header["magic"]).rstrip(b"\0")
+        if magic not in (b"n+1", b"ni1", b"n+2", b"ni2") or int(header["sizeof_hdr"]) not in (348, 540):
+            raise ValueError(f"its header is not a NIfTI header (magic {magic!r}, sizeof_hdr {header['sizeof_hdr']})")
         expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
             header.get_data_dtype().itemsize
     except (OSError, EOFError, zlib.error, ValueError, nibabel.filebasedimages.ImageFileError,
@@ -98,6 +101,10 @@ def _check_nifti_complete(path: Path, field: str) -> None:
     if len(data) < expected:
         raise PatientQCError("unreadable_image", f"{path} is truncated: {len(data)} bytes of image data where its "
                              f"header announces {expected}; re-export the file", field, path)
+    if len(data) > expected or float(header["vox_offset"]) != int(header["vox_offset"]):
+        raise PatientQCError("unreadable_image", f"{path} holds {len(data)} bytes where its header announces "
+                             f"{expected} (data offset {float(header['vox_offset']):g}): a corrupt header would "
+                             "shift every voxel; re-export the file", field, path)
     slope, inter = header.get_slope_inter()
     if header.get_data_dtype().kind == "f" or (slope is not None and slope != 1) or (inter is not None and inter != 0):
         with np.errstate(all="ignore"):
@@ -106,7 +113,12 @@ def _check_nifti_complete(path: Path, field: str) -> None:
         if bad:
             raise PatientQCError("non_finite_voxels", f"{path} holds {bad} NaN or infinite voxel(s) of {values.size} "
                                  "(SimpleITK would read them as 0); re-export the volume", field, path)
-    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+    codes = (int(header["qform_code"]), int(header["sform_code"]))
+    if not all(0 <= c <= 5 for c in codes):
+        raise PatientQCError("image_geometry", f"{path} has invalid geometry codes (qform_code {codes[0]}, sform_code "
+                             f"{codes[1]}; valid: 0-5): a corrupt header whose orientation would be dropped; "
+                             "re-export it", field, path)
+    if codes == (0, 0):
         raise PatientQCError("image_geometry", f"{path} has no world geometry (its qform_code and sform_code are "
                              "both 0): its origin and orientation are unknown; re-export it from the DICOM "
                              "(e.g. with dcm2niix)", field, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 
 import numpy as np
 import pydicom
@@ -160,6 +161,14 @@ def broken_phase_files(c: Corpus) -> None:
     huge[3, 3, 3] = 3e30
     write_like(huge, image, c.path(pid, "image_pre"))
     c.expect("a voxel of 3e30", "implausible_intensity", pid)
+    for kind, offset, value, reason in (("NIfTI data offset shifted", 108, 356.0, "unreadable_image"),
+                                        ("NIfTI with an invalid qform_code", 252, 240, "image_geometry")):
+        pid = c.take()
+        raw = bytearray(gzip.decompress(c.path(pid, "image_pre").read_bytes()))
+        raw[offset:offset + (4 if isinstance(value, float) else 2)] = (
+            np.float32(value).tobytes() if isinstance(value, float) else np.int16(value).tobytes())
+        c.path(pid, "image_pre").write_bytes(gzip.compress(bytes(raw)))
+        c.expect(kind, reason, pid)
     pid = c.take()
     c.path(pid, "image_arterial").write_bytes(gzip.decompress(c.path(pid, "image_arterial").read_bytes()))
     c.accept("an uncompressed NIfTI named .nii.gz", pid)
@@ -326,6 +335,10 @@ def dicom_faults(c: Corpus, series) -> None:
     use("DICOM series of one slice", "dicom_series",
         extra=lambda f: [p.unlink() for p in sorted(f.glob("*.dcm"))[1:]])
     use("DICOM slices of different sizes", "dicom_geometry", at(1, _crop_slice))
+    use("DICOM slice with a corrupt SOP class UID", "unreadable_image",
+        at(2, _corrupt_sop_class))
+    use("DICOM slice naming an unknown transfer syntax", "unreadable_image",
+        extra=lambda f: _unknown_syntax(sorted(f.glob("*.dcm"))[2]))
     use("DICOM slice linked from outside data_root", "path_outside_root",
         extra=lambda f: _link_out(sorted(f.glob("*.dcm"))[3], c.outside))
     pid = c.take()
@@ -352,6 +365,20 @@ def _link_out(path, outside):
     target = outside / f"{path.parent.parent.name}_{path.name}"
     os.replace(path, target)
     path.symlink_to(target)
+
+
+def _corrupt_sop_class(ds):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid UID it is asked to write
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4x"
+
+
+def _unknown_syntax(path):
+    """Rewrite the file meta's transfer syntax UID in place, same length (pydicom refuses to write it)."""
+    data = path.read_bytes()
+    syntax = str(pydicom.dcmread(path).file_meta.TransferSyntaxUID).encode()
+    at = data.index(syntax, 132)
+    path.write_bytes(data[:at] + syntax.replace(b"10008", b"99999", 1) + data[at + len(syntax):])
 
 
 def _cut(path, size):
