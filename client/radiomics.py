@@ -28,6 +28,7 @@ import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from hccfed.client.image_checks import binary_tumour
 from hccfed.client.ingest import read_volume
 from hccfed.client.manifest import read_manifest
-from hccfed.common.site_config import SiteConfig
+from hccfed.common.site_config import MaskLabels, SiteConfig
 from hccfed.common.schema import PHASES
 
 RADIOMICS_VERSION = "1"
@@ -60,6 +62,7 @@ class RadiomicsJob:
     ring_mm: float
     mask_phase: str = "portal"
     perturb_seed: int | None = None
+    mask_labels: MaskLabels = dataclasses.field(default_factory=MaskLabels)  # the site's declared label semantics
 
 
 @dataclass
@@ -138,7 +141,7 @@ def extract_patient(job: RadiomicsJob) -> dict[str, float]:
 
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     mask, _ = read_volume(job.mask_path, "mask")
-    mask = sitk.Cast(mask, sitk.sitkUInt8)
+    mask = binary_tumour(mask, job.mask_labels, "mask", job.mask_path)  # the tumour labels only, as prepare
     spacing_zyx = tuple(reversed(mask.GetSpacing()))
     tumour = sitk.GetArrayFromImage(mask) > 0
     if not tumour.any():
@@ -181,6 +184,7 @@ def job_key(job: RadiomicsJob) -> str:
     digest.update(RADIOMICS_VERSION.encode())
     digest.update(Path(job.params_path).read_bytes())
     digest.update(f"{job.ring_mm}|{job.mask_phase}|{job.perturb_seed}|{job.phase_fields}".encode())
+    digest.update(f"{job.mask_labels}".encode())
     for path in (*job.phase_paths, job.mask_path):
         digest.update(_file_stamp(path).encode())
     return digest.hexdigest()[:20]
@@ -214,7 +218,7 @@ def site_jobs(config: SiteConfig, params: str | Path = "fast", perturb_seed: int
     wanted = None if patient_ids is None else set(patient_ids)
     return [RadiomicsJob(pid, tuple(str(manifest.image_paths[p][i]) for p in PHASES), fields,
                          str(manifest.mask_paths[i]), params_path, config.preprocessing.ring_mm, config.mask_phase,
-                         perturb_seed)
+                         perturb_seed, config.mask_labels)
             for i, pid in enumerate(manifest.patient_ids) if wanted is None or pid in wanted]
 
 

@@ -66,7 +66,8 @@ def check_cell(rule: FieldRule, raw: str | None) -> Cell:
     """Apply ``rule`` to one raw manifest cell (a string, or None when the row is short)."""
     allowed = raw is not None and rule.kind == "category" and raw.strip().casefold() in {
         a.casefold() for a in rule.allowed}  # "none" is a hepatitis category, not a missing value
-    if is_missing(raw) and not allowed:
+    empty = raw is None or not raw.strip()
+    if (empty if rule.kind == "path" else is_missing(raw)) and not allowed:  # a path "NA" is just not found
         shown = "empty" if raw is None or not raw.strip() else f"{raw.strip()!r} (no value)"
         return Cell(problem=CellProblem(rule.missing_reason, f"is {shown}, expected "
                                         f"{'a file path' if rule.kind == 'path' else 'a value'}"))

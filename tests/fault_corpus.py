@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,11 +154,13 @@ def edit_series(source: Path, target: Path, change=None) -> list[Path]:
             ds = change(index, ds) or ds
         path = target / file.name
         big = ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian
-        if big:  # pydicom converts to big endian only when forced, and then writes the dataset as given
-            ds.preamble = ds.preamble or b"\0" * 128
-            pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
-        else:
-            ds.save_as(path, enforce_file_format=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fault may write an invalid value on purpose
+            if big:  # pydicom converts to big endian only when forced, and then writes the dataset as given
+                ds.preamble = ds.preamble or b"\0" * 128
+                pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+            else:
+                ds.save_as(path, enforce_file_format=True)
         out.append(path)
     return out
 

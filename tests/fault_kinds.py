@@ -369,7 +369,7 @@ def _link_out(path, outside):
 
 def _corrupt_sop_class(ds):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns of the invalid UID it is asked to write
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid UID it is asked to hold
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4x"
 
 

@@ -18,6 +18,7 @@ import hccfed_cli
 from fault_corpus import tree_digest
 from hccfed.client.image_checks import load_patient
 from hccfed.client.manifest import read_manifest
+from hccfed.client.radiomics import site_jobs
 from hccfed.client.site_validation import patient_jobs, validate_site
 from hccfed.common.site_config import load_site_config
 from site_fixtures import private_site_copy
@@ -238,6 +239,7 @@ def test_declared_mask_labels_read_a_lits_label_map(site, tmp_path):
     job = patient_jobs(config, read_manifest(config))[0]
     tumour = sitk.GetArrayFromImage(load_patient(job).mask)
     assert np.array_equal(tumour, sitk.GetArrayFromImage(sitk.ReadImage(job.mask_path)) == 2)
+    assert {j.mask_labels for j in site_jobs(config)} == {config.mask_labels}  # radiomics reads the same tumour
 
 
 def test_exit_codes_when_no_patient_is_usable_and_on_an_unforeseen_error(site, tmp_path, capsys, monkeypatch):
