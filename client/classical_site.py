@@ -27,17 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from hccfed.client.evaluation import clinical_summary
-from hccfed.client.radiomics import REGIONS, RadiomicsTable, extract_site
+from hccfed.client.radiomics import REGIONS, RadiomicsTable
 from hccfed.client.site_data import split_indices
 from hccfed.client.stats_site import StatsSite
-from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import PHASES
 from hccfed.common.stats import combat
 
@@ -61,50 +58,9 @@ class ClassicalSite:
     second_reader: np.ndarray | None = None  # same columns, radiomics from a perturbed mask (ICC filter)
 
 
-def tabular_site(config: SiteConfig, images: bool = True):
-    """A PreparedSite without images (the classical models need none): clinical vector, labels, outcomes.
-
-    Patients whose manifest row or labs fail QC are left out, as ``client.prepare`` would.
-    ``images=False``: a missing image or mask file does not exclude a patient (clinical-only models).
-    """
-    from hccfed.client.labs import clinical_features
-    from hccfed.client.manifest import read_manifest
-    from hccfed.client.prepare import PreparedSite
-    from hccfed.client.qc import check_labs
-    from hccfed.common.schema import clinical_feature_names, early_recurrence_label
-
-    if images:
-        manifest = read_manifest(config, strict=False)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            manifest = read_manifest(_without_image_files(config, Path(tmp)), strict=False)
-    table, issues = check_labs(manifest.table, config)
-    failed = {i.patient_id for i in issues}
-    table = table.loc[[p for p in manifest.patient_ids if p not in failed]]
-    times = table["time_months"].to_numpy(dtype=float)
-    events = table["event"].to_numpy(dtype=np.int64)
-    return PreparedSite(config.site_id, np.array([str(p) for p in table.index]), np.zeros((len(table), 0)),
-                        clinical_features(table, config).astype(float), clinical_feature_names(),
-                        early_recurrence_label(times, events), times, events, np.zeros((len(table), 0)))
-
-
-def _without_image_files(config: SiteConfig, tmp: Path) -> SiteConfig:
-    """The config with a copy of its manifest whose missing image / mask cells name ``data_root`` itself."""
-    import pandas as pd
-
-    table = pd.read_csv(config.manifest, dtype=str, keep_default_na=False)
-    for column in [*config.phase_columns.values(), config.mask_column]:
-        if column in table.columns:
-            exists = [bool(v) and (Path(v) if Path(v).is_absolute() else config.data_root / v).exists()
-                      for v in table[column]]
-            table[column] = table[column].where(exists, ".")
-    copy = tmp / config.manifest.name
-    table.to_csv(copy, index=False)
-    return replace(config, manifest=copy)
-
-
 def join_site(site, table: RadiomicsTable | None, seed: int) -> ClassicalSite:
-    """A PreparedSite's clinical vector joined with its RadiomicsTable on patient id; split by ``seed``."""
+    """A site's patients (``PreparedSite`` or ``hccfed.client.site.PatientRows``: clinical vector, labels,
+    outcomes) joined with its RadiomicsTable on patient id; split by ``seed`` like the deep models."""
     names, x = list(site.clinical_names), np.asarray(site.clinical, dtype=float)
     keep = np.arange(len(site.patient_ids))
     if table is not None:
@@ -131,33 +87,6 @@ def add_second_reader(site: ClassicalSite, table: RadiomicsTable, second: Radiom
         raise RuntimeError(f"site {site.site_id}: second-reader radiomics missing patients or features")
     n_clin = len(site.names) - len(table.names)
     site.second_reader = np.column_stack([site.features[:, :n_clin], second.values[rows]])
-
-
-def has_volumes(config: SiteConfig) -> bool:
-    """Whether the site's manifest points at tumour masks that exist (a tabular-only cohort has none)."""
-    from hccfed.client.manifest import read_manifest
-
-    return any(Path(p).exists() for p in read_manifest(config, strict=False).mask_paths)
-
-
-def load_classical_site(config: SiteConfig, seed: int, params: str | None = "fast",
-                        second_reader_seed: int | None = None, workers: int | None = None,
-                        progress: bool = False) -> ClassicalSite:
-    """The site's classical-model rows from its YAML: clinical vector, plus radiomics unless ``params`` is None.
-
-    ``params``: "fast", "full" or a parameter file; "auto": the fast file when the site has volumes,
-    clinical only otherwise; None or "none": clinical only.
-    """
-    if params == "auto":
-        params = "fast" if has_volumes(config) else None
-    params = None if params in (None, "none") else params
-    prepared = tabular_site(config, images=params is not None)
-    table = None if params is None else extract_site(config, params, workers=workers, progress=progress)
-    site = join_site(prepared, table, seed)
-    if second_reader_seed is not None and table is not None:
-        second = extract_site(config, params, workers=workers, progress=progress, perturb_seed=second_reader_seed)
-        add_second_reader(site, table, second)
-    return site
 
 
 def score_model(model: dict, names: list[str], x: np.ndarray) -> np.ndarray:
@@ -257,21 +186,3 @@ def _key(value) -> str:
 def local_endpoints(sites: list[ClassicalSite], n_folds: int = 5, seed: int = 0) -> list[ClassicalStatsSite]:
     """One endpoint per site (in-process runs); ``client.stats_site.local_send`` sends to them."""
     return [ClassicalStatsSite(s, n_folds, seed) for s in sites]
-
-
-_ENDPOINTS: dict[tuple, ClassicalStatsSite] = {}
-
-
-def cached_endpoint(site_yaml: str, seed: int, n_folds: int, radiomics: str | None, run_key: str
-                    ) -> ClassicalStatsSite:
-    """This process's endpoint for a site in one run: built on the run's first request, kept for the run
-    (a new run reads the site's data again)."""
-    from hccfed.common.site_config import load_site_config
-
-    key = (run_key, str(site_yaml), int(seed), int(n_folds), radiomics)
-    if key not in _ENDPOINTS:
-        for old in [k for k in _ENDPOINTS if k[0] != run_key]:
-            del _ENDPOINTS[old]
-        site = load_classical_site(load_site_config(site_yaml), seed, radiomics, workers=1)
-        _ENDPOINTS[key] = ClassicalStatsSite(site, n_folds, seed)
-    return _ENDPOINTS[key]

@@ -1,8 +1,8 @@
-"""A site's part of a federated run, as plain functions of typed values.
+"""A site's part of a federated run, as plain functions of the run's :class:`~hccfed.client.site.Site`.
 
-Which site this node is: a deployed SuperNode names its YAML with
-``--node-config "site-config=/path/site.yaml"``; in a local simulation the node
-with ``partition-id`` i serves the i-th entry of the run's ``site-configs``.
+The ClientApp (``hccfed.client.client_app``) finds this node's Site for the run
+(``hccfed.client.site.SiteCache``: built once per run, its preparation kept) and
+calls :func:`train_round` / :func:`evaluate_round` with it.
 
 What a site keeps between rounds (``SiteState``, files under its own
 ``cache_dir``, never sent): with ``local-norm`` its own GroupNorm / LayerNorm
@@ -23,50 +23,18 @@ import numpy as np
 import torch
 
 from hccfed.client.evaluation import CLINICAL_PREFIX, clinical_summary, evaluation_summary
-from hccfed.client.prepare import PreparedSite, prepare_site
-from hccfed.client.site_data import site_split
-from hccfed.client.site_radiomics import attach_radiomics
+from hccfed.client.site import Site
 from hccfed.client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
     steps_per_epoch
 from hccfed.client.training import TrainSettings, detect_device, predict, train_local
-from hccfed.common.errors import ConfigError
 from hccfed.common.run_config import RunConfig
-from hccfed.common.site_config import load_site_config
+from hccfed.common.seeds import derive_seed
 from hccfed.common.models.fusion import model_from_run_config, norm_parameter_names
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 
-def site_config_path(run_config: RunConfig, node_config: Mapping[str, Any]) -> str:
-    """The YAML this node serves (see the module docstring)."""
-    if "site-config" in node_config:
-        return str(node_config["site-config"])
-    if "partition-id" not in node_config:
-        raise ConfigError("node config: set 'site-config' to this hospital's YAML")
-    index = int(node_config["partition-id"])
-    if index >= len(run_config.site_configs):
-        raise ConfigError(
-            f"run config: 'site-configs' lists {len(run_config.site_configs)} sites, "
-            f"but this is simulated node {index}"
-        )
-    return run_config.site_configs[index]
-
-
-def site_id_of(run_config: RunConfig, node_config: Mapping[str, Any]) -> str:
-    """The id of the site this node serves (from its YAML)."""
-    return load_site_config(site_config_path(run_config, node_config)).site_id
-
-
-def load_site(run_config: RunConfig, node_config: Mapping[str, Any]) -> PreparedSite:
-    """This node's prepared data (from the cache when `hccfed prepare` already ran), with the
-    radiomics the run's model takes (cached extraction, standardised at the site)."""
-    config = load_site_config(site_config_path(run_config, node_config))
-    site = prepare_site(config, progress=False)
-    return attach_radiomics(site, config, run_config.radiomics_features, run_config.radiomics_params)
-
-
 def round_seed(seed: int, server_round: int, site_id: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{server_round}:{site_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derive_seed(seed, server_round, site_id, nbytes=4)
 
 
 def model_for(run_config: RunConfig, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -86,11 +54,11 @@ class SiteState:
         self.folder = Path(folder)
 
     @classmethod
-    def for_run(cls, run_config: RunConfig, node_config: Mapping[str, Any], run_token: str) -> "SiteState":
-        """The folder of this run at this site: <cache_dir>/federated/<hash of run-dir and run token>."""
-        site_config = load_site_config(site_config_path(run_config, node_config))
+    def for_run(cls, site: Site, run_config: RunConfig, run_token: str) -> "SiteState":
+        """The folder of this run at this site: <cache_dir>/federated/<hash of run-dir and run token>
+        (the token is the server's, kept across a resumed run)."""
         key = hashlib.sha256(f"{Path(run_config.run_dir).resolve()}:{run_token}".encode()).hexdigest()[:16]
-        return cls(site_config.cache_dir / "federated" / key)
+        return cls(site.config.cache_dir / "federated" / key)
 
     def save(self, server_round: int, norm: Mapping[str, torch.Tensor] | None, dp_steps: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -130,23 +98,21 @@ def _dp_metrics(run_config: RunConfig, budget: PrivacyBudget | None, sigma: floa
             "dp-budget-exhausted": float(exhausted)}
 
 
-def train_round(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                run_config_raw: Mapping[str, Any], node_config: Mapping[str, Any]
-                ) -> tuple[OrderedDict, dict[str, float]]:
-    """Local training from the global weights; returns new weights and aggregate metrics.
+def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                run_config: RunConfig) -> tuple[OrderedDict, dict[str, float]]:
+    """Local training from the global weights on the site's training split; returns new weights and
+    aggregate metrics.
 
     With DP, a site whose budget would be exceeded by this round returns the
     received weights unchanged, with ``dp-budget-exhausted`` = 1.
     """
-    run_config = RunConfig.from_mapping(run_config_raw)
-    site = load_site(run_config, node_config)
     server_round = int(config.get("server-round", 0))
     seed = round_seed(run_config.seed, server_round, site.site_id)
     torch.manual_seed(seed)
-    data = site_split(site, "train", run_config.seed)
+    data = site.split("train")
     budget = _dp_budget(run_config, site.site_id)
     needs_state = run_config.local_norm or budget is not None
-    store = SiteState.for_run(run_config, node_config, str(config.get("run-token", ""))) if needs_state else None
+    store = SiteState.for_run(site, run_config, str(config.get("run-token", ""))) if needs_state else None
     previous = store.latest(server_round - 1) if store else {"norm": None, "dp_steps": 0}
     model = model_for(run_config, _with_local_norm(state, previous["norm"] if run_config.local_norm else None))
     settings = TrainSettings(epochs=run_config.local_epochs, learning_rate=run_config.learning_rate,
@@ -176,9 +142,8 @@ def train_round(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
     return new_state, metrics
 
 
-def evaluate_round(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                   run_config_raw: Mapping[str, Any], node_config: Mapping[str, Any]
-                   ) -> tuple[dict[str, float], dict[str, np.ndarray], str]:
+def evaluate_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                   run_config: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Evaluate on the split the server names; counts and histograms only.
 
     With config "figures" = "clinical" the summary also holds the arrays of
@@ -187,12 +152,9 @@ def evaluate_round(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
     With ``local-norm`` the site's own norm parameters of the round the model
     comes from (config "model-round", else "server-round") replace the received ones.
     """
-    run_config = RunConfig.from_mapping(run_config_raw)
-    site = load_site(run_config, node_config)
-    split = str(config.get("split", "val"))
-    data = site_split(site, split, run_config.seed)
+    data = site.split(str(config.get("split", "val")))
     if run_config.local_norm:
-        store = SiteState.for_run(run_config, node_config, str(config.get("run-token", "")))
+        store = SiteState.for_run(site, run_config, str(config.get("run-token", "")))
         model_round = int(config.get("model-round", config.get("server-round", 0)))
         state = _with_local_norm(state, store.latest(model_round)["norm"])
     logits, log_risk = predict(model_for(run_config, state), data, detect_device())
@@ -207,4 +169,4 @@ def evaluate_round(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
         "num-negative": float((labels == 0).sum()),
         "num-events": float(data.events.sum()),
     }
-    return metrics, summary, site.site_id
+    return metrics, summary

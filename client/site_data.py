@@ -1,21 +1,23 @@
 """A site's train / validation / test splits, or the pooled splits of several sites.
 
 One code path serves federated, centralized and local-only training (as in
-FLamby): ``site_split`` gives one hospital's split, ``pooled_split`` the union
-of several hospitals' same splits, so every model is tested on the same patients.
+FLamby): ``site_split`` gives one hospital's split (``hccfed.client.site.Site.split``
+calls it), ``pooled_split`` the union of several hospitals' same splits, so every
+model is tested on the same patients.
 The split is drawn at the site, stratified by the early-recurrence label, from
 the run's seed and the site's id: it needs nothing from other sites.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from hccfed.client.prepare import PreparedSite
+from hccfed.common.seeds import derive_seed
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.50, 0.15, 0.35)
@@ -38,16 +40,12 @@ class SplitData:
         return len(self.patient_ids)
 
 
-def _site_seed(seed: int, site_id: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{site_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def split_indices(site: PreparedSite, seed: int, fractions=DEFAULT_FRACTIONS) -> dict[str, np.ndarray]:
-    """Indices of each split, stratified by label (1 / 0 / unknown), sorted."""
+def split_indices(site, seed: int, fractions=DEFAULT_FRACTIONS) -> dict[str, np.ndarray]:
+    """Indices of each split of a site's patients (anything with ``site_id`` and ``labels``: a
+    PreparedSite or the clinical rows), stratified by label (1 / 0 / unknown), sorted."""
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-    rng = np.random.default_rng(_site_seed(seed, site.site_id))
+    rng = np.random.default_rng(derive_seed(seed, site.site_id))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     for label in (1, 0, -1):
         members = np.flatnonzero(site.labels == label)
@@ -79,9 +77,8 @@ def site_split(site: PreparedSite, split: str, seed: int) -> SplitData:
     )
 
 
-def pooled_split(sites: list[PreparedSite], split: str, seed: int) -> SplitData:
-    """The same split of several sites, concatenated (the centralized reference)."""
-    parts = [site_split(s, split, seed) for s in sites]
+def pooled_split(parts: Sequence[SplitData]) -> SplitData:
+    """Several sites' same split, concatenated (the centralized reference)."""
     return SplitData(
         images=torch.cat([p.images for p in parts]),
         clinical=torch.cat([p.clinical for p in parts]),

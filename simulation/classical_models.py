@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hccfed.client.classical_site import (ClassicalSite, add_second_reader, join_site, load_classical_site,
-                                   local_endpoints, score_model, tabular_site)
-from hccfed.client.radiomics import extract_site
+from hccfed.client.classical_site import ClassicalSite, local_endpoints, score_model
+from hccfed.client.site import Site
 from hccfed.client.stats_site import local_send
 from hccfed.common.site_config import SiteConfig, load_site_config
 from hccfed.server import classical_models as cm
 
-__all__ = ["ClassicalSite", "LinearModel", "run_classical_models", "tabular_site",
+__all__ = ["ClassicalSite", "LinearModel", "run_classical_models",
            "classical_model_results", "harmonization_effect", "flower_stats_run"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,40 +66,18 @@ def _configs(site_yamls: list) -> list[SiteConfig]:
     return [c if isinstance(c, SiteConfig) else load_site_config(c) for c in site_yamls]
 
 
-def _default_config(site_id: str) -> SiteConfig:
-    from hccfed.simulation.cohort import DEFAULT_SITES
+def classical_model_results(sites: list[Site], harmonize: bool = True, params: str = "fast", n_folds: int = 5,
+                            second_reader_seed: int | None = None) -> dict[str, dict]:
+    """The demo report's rows for CR / R / RCR trained federated on the demo's sites.
 
-    for profile in DEFAULT_SITES:
-        if profile.site_id == site_id:
-            return load_site_config(profile.config_path)
-    raise ValueError(f"site {site_id}: not a default synthetic site; pass its YAML in site_configs")
-
-
-def classical_model_results(prepared_sites: list, seed: int, harmonize: bool = True, site_configs: list | None = None,
-                            params: str = "fast", n_folds: int = 5, workers: int | None = None,
-                            second_reader_seed: int | None = None, progress: bool = False) -> dict[str, dict]:
-    """The demo report's rows for CR / R / RCR trained federated on the demo's prepared sites.
-
-    ``prepared_sites``: the PreparedSites the deep models use (same patients, same train / test split
-    by ``seed``); their radiomics come from each site's YAML (``site_configs``, in the same order; default:
-    the repository's YAML of each default synthetic site), cached under its ``cache_dir``.
+    Each :class:`~hccfed.client.site.Site` gives its rows (``Site.classical``: the same patients and
+    train / test split as the deep models, radiomics with ``params`` cached under its ``cache_dir``).
     Returns {"CR (federated)" / "R (federated)" / "RCR (federated)": {"test": pooled_figures (auc,
     auc_ci_lower, auc_ci_upper, c_index, n_patients, n_positive, n_negative, ...), "figures":
     pooled_clinical_figures, "train_patients": int, "features": [...], "harmonized": bool}}.
     """
-    configs = _configs(site_configs) if site_configs is not None else [_default_config(s.site_id)
-                                                                       for s in prepared_sites]
-    sites = []
-    for site, config in zip(prepared_sites, configs, strict=True):
-        if config.site_id != site.site_id:
-            raise ValueError(f"site {site.site_id}: site_configs gives the YAML of {config.site_id} in its place")
-        patients = [str(p) for p in site.patient_ids]
-        table = extract_site(config, params, workers=workers, progress=progress, patient_ids=patients)
-        sites.append(join_site(site, table, seed))
-        if second_reader_seed is not None:
-            add_second_reader(sites[-1], table, extract_site(config, params, workers=workers, progress=False,
-                                                             perturb_seed=second_reader_seed, patient_ids=patients))
-    out = run_classical_models(sites, seed, n_folds, harmonize)
+    rows = [site.classical(params, second_reader_seed) for site in sites]
+    out = run_classical_models(rows, sites[0].seed, n_folds, harmonize)
     return {REPORT_NAMES[key]: {"test": r["test"], "figures": r["figures"],
                                 "train_patients": int(sum(r["sites"]["n_train"].values())),
                                 "features": r["model"].features, "harmonized": bool(r["sites"]["harmonized_columns"])}
@@ -118,7 +95,7 @@ def harmonization_effect(site_yamls: list | None = None, params: str = "fast", s
         from hccfed.simulation.cohort import DEFAULT_SITES
 
         site_yamls = [p.config_path for p in DEFAULT_SITES]
-    sites = [load_classical_site(c, seed, params, workers=workers) for c in _configs(site_yamls)]
+    sites = [Site(c, seed, workers=workers).classical(params) for c in _configs(site_yamls)]
     arms, seconds = {}, {}
     for arm, harmonize in (("without", False), ("with", True)):
         start = time.time()

@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from hccfed.client.evaluation import clinical_summary, evaluation_summary
-from hccfed.client.prepare import PreparedSite
-from hccfed.client.site_data import ALL, SplitData, site_split
+from hccfed.client.site import Site
+from hccfed.client.site_data import ALL, SplitData
 from hccfed.client.training import predict
 from hccfed.common.metrics.federated_delong import delong_paired_from_sums, placement_sums, pool_placement_sums
 from hccfed.common.metrics.summaries import SummaryGrid, site_summary
@@ -30,15 +30,15 @@ from hccfed.simulation.cohort import oracle_path
 EvaluationSets = list[tuple[str, SplitData]]
 
 
-def evaluation_sets(sites: list[PreparedSite], seed: int, external: str | None = None) -> EvaluationSets:
+def evaluation_sets(sites: list[Site], external: str | None = None) -> EvaluationSets:
     """The patients every model is tested on: each hospital's test split (internal validation), or
     every patient of the held-out hospital ``external`` (external validation, leave-one-site-out)."""
     if external is None:
-        return [(site.site_id, site_split(site, "test", seed)) for site in sites]
+        return [(site.site_id, site.split("test")) for site in sites]
     held = [site for site in sites if site.site_id == external]
     if not held:
         raise ValueError(f"--external {external!r}: no such site (sites: {', '.join(s.site_id for s in sites)})")
-    return [(external, site_split(held[0], ALL, seed))]
+    return [(external, held[0].split(ALL))]
 
 
 class TestPredictions:

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from hccfed.client.federated import model_for
-from hccfed.client.prepare import PreparedSite
-from hccfed.client.site_data import site_split
+from hccfed.client.site import Site
 from hccfed.common.run_config import RunConfig
 from hccfed.server.audit import read_audit, train_bytes_per_site
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test
@@ -74,7 +73,7 @@ def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "evaluation_summaries": "exact counts (histograms of test predictions; no per-patient value)"}
 
 
-def federated_run(run: RunConfig, name: str, train_sites: list[PreparedSite], sets: EvaluationSets,
+def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: EvaluationSets,
                   external: str | None, book: TestPredictions) -> dict[str, Any]:
     """One federated training through Flower on a local SuperLink, its figures on ``sets``, what each site
     sent per round and (under DP-SGD) the epsilon each spent. Its scores go into ``book``."""
@@ -102,7 +101,7 @@ def federated_run(run: RunConfig, name: str, train_sites: list[PreparedSite], se
         result["dp_epsilon_spent_per_site"] = dp_spent_per_site(audit)
         log.info(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
             f"{site} {eps:.2f}" for site, eps in result["dp_epsilon_spent_per_site"].items()))
-    result["train_patients"] = sum(len(site_split(s, "train", run.seed)) for s in train_sites)
+    result["train_patients"] = sum(len(s.split_indices["train"]) for s in train_sites)
     return result
 
 

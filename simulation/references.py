@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from hccfed.client.evaluation import evaluation_summary
-from hccfed.client.prepare import PreparedSite
-from hccfed.client.site_data import pooled_split, site_split
+from hccfed.client.site import Site
+from hccfed.client.site_data import pooled_split
 from hccfed.client.training import TrainSettings, predict, train_local
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.run_config import RunConfig
@@ -28,17 +28,17 @@ from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evalua
 log = logging.getLogger("hccfed.simulate")
 
 
-def _validation_auc(model: torch.nn.Module, sites: list[PreparedSite], seed: int) -> float:
+def _validation_auc(model: torch.nn.Module, sites: list[Site]) -> float:
     summaries = []
     for site in sites:
-        data = site_split(site, "val", seed)
+        data = site.split("val")
         logits, risks = predict(model, data)
         summaries.append(evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(),
                                             data.events.numpy()))
     return pooled_figures(summaries).get("auc", float("nan"))
 
 
-def train_reference(name: str, sites_for_training: list[PreparedSite], sets: EvaluationSets,
+def train_reference(name: str, sites_for_training: list[Site], sets: EvaluationSets,
                     run: RunConfig, encoder: str,
                     book: TestPredictions | None = None, clinical: bool = True,
                     radiomics: bool = True) -> dict[str, Any]:
@@ -54,14 +54,14 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], sets: Eva
     features = run.radiomics_features if radiomics else ()
     model = model_from_run_config(replace(run, encoder=encoder, radiomics_features=features),
                                   len(IMAGE_CHANNELS), n_clinical)
-    data = pooled_split(sites_for_training, "train", run.seed)
+    data = pooled_split([site.split("train") for site in sites_for_training])
     torch.manual_seed(run.seed)
     best_auc, best_step, best_state = -np.inf, 0, None
     for step in range(1, run.num_server_rounds + 1):
         train_local(model, data, TrainSettings(epochs=run.local_epochs, learning_rate=run.learning_rate,
                                                batch_size=run.batch_size, seed=run.seed * 1000 + step,
                                                augment=run.augment))
-        auc = _validation_auc(model, sites_for_training, run.seed)
+        auc = _validation_auc(model, sites_for_training)
         if best_state is None or auc > best_auc:
             best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -75,7 +75,7 @@ def train_reference(name: str, sites_for_training: list[PreparedSite], sets: Eva
     return result
 
 
-def clinical_logistic_regression(sites: list[PreparedSite], sets: EvaluationSets, seed: int,
+def clinical_logistic_regression(sites: list[Site], sets: EvaluationSets,
                                  book: TestPredictions | None = None,
                                  name: str = "clinical logistic regression (centralized)") -> dict[str, Any]:
     """The seeds' clinical model: logistic regression on the harmonized clinical vector, pooled.
@@ -87,7 +87,7 @@ def clinical_logistic_regression(sites: list[PreparedSite], sets: EvaluationSets
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train = pooled_split(sites, "train", seed)
+    train = pooled_split([site.split("train") for site in sites])
     known = train.labels.numpy() >= 0
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     model.fit(train.clinical.numpy()[known], train.labels.numpy()[known])

@@ -22,11 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hccfed.client.prepare import prepare_site
-from hccfed.client.site_data import site_split
-from hccfed.client.site_radiomics import attach_radiomics
+from hccfed.client.site import Site
 from hccfed.common.run_config import RunConfig
-from hccfed.common.site_config import SiteConfig, load_site_config
+from hccfed.common.site_config import load_site_config
 from hccfed.server.report import write_report
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.evaluation import (TestPredictions, describe_evaluation, evaluation_sets, oracle_figures,
@@ -57,13 +55,12 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
     site_paths = effective_site_configs(settings, run_dir)
     sites = []
     for path in site_paths:
-        config: SiteConfig = load_site_config(path)
         t0 = time.time()
-        sites.append(prepare_site(config, workers=settings.workers))
-        log.info("prepared %s: %d patients (%.1f s)", config.site_id, len(sites[-1]), time.time() - t0)
+        sites.append(Site(load_site_config(path), settings.seed, workers=settings.workers, progress=True))
+        log.info("prepared %s: %d patients (%.1f s)", sites[-1].site_id, len(sites[-1].prepared), time.time() - t0)
     train_paths = [path for site, path in zip(sites, site_paths) if site.site_id != settings.external]
     train_sites = [site for site in sites if site.site_id != settings.external]
-    sets = evaluation_sets(sites, settings.seed, settings.external)
+    sets = evaluation_sets(sites, settings.external)
     evaluation = describe_evaluation(sets, settings.external)
     if settings.external is not None:
         log.info(f"external validation: training on {', '.join(s.site_id for s in train_sites)}; "
@@ -77,9 +74,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
         t0 = time.time()
         log.info("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
              "(each site extracts its radiomics once; cached)")
-        classical = classical_model_results(train_sites, settings.seed, harmonize=True,
-                                            site_configs=train_paths, workers=settings.workers,
-                                            progress=True)
+        classical = classical_model_results(train_sites, harmonize=True)
         radiomics = tuple(classical["R (federated)"]["features"])
         for name, result in classical.items():
             log.info(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}"
@@ -89,10 +84,9 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
         log.info(f"classical models done ({time.time() - t0:.0f} s); the fusion model takes the R model's "
              f"{len(radiomics)} radiomics features")
     if radiomics:
-        sites = [attach_radiomics(site, load_site_config(path), radiomics, "fast", settings.workers)
-                 for site, path in zip(sites, site_paths)]
+        sites = [site.with_radiomics(radiomics, "fast") for site in sites]
         train_sites = [site for site in sites if site.site_id != settings.external]
-        sets = evaluation_sets(sites, settings.seed, settings.external)
+        sets = evaluation_sets(sites, settings.external)
 
     run = RunConfig.from_mapping(replace(settings.run, site_configs=tuple(str(p) for p in train_paths),
                                          run_dir=str(run_dir / "federated"),
@@ -117,7 +111,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
                                                                  run.encoder, book, clinical=False,
                                                                  radiomics=False)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
-            train_sites, sets, run.seed, book)
+            train_sites, sets, book)
     paired = paired_delong_tests(book)
     if run.local_norm and paired.get("status") == "computed":
         paired["note"] = "the federated model is not in these tests: with local norms each site holds its own variant"
@@ -128,7 +122,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
                         if k not in ("sites", "run")}, "run": settings.run.to_flwr()},
         "evaluation": evaluation,
         "sites": {s.site_id: {"patients": len(s), "role": "external test" if s.site_id == settings.external
-                              else "training", **{split: int(len(site_split(s, split, run.seed)))
+                              else "training", **{split: int(len(s.split_indices[split]))
                                                   for split in ("train", "val", "test")}} for s in sites},
         "oracle": oracle_figures(settings.data_dir, sets),
         "models": models,

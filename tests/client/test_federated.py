@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from hccfed.client.federated import evaluate_round, site_config_path, train_round
+from hccfed.client.federated import evaluate_round, train_round
+from hccfed.client.site import Site, site_config_path
 from hccfed.common.errors import ConfigError
 from hccfed.common.run_config import RunConfig
+from hccfed.common.site_config import load_site_config
 from hccfed.common.metrics.summaries import SummaryGrid
 from hccfed.common.models.fusion import build_model
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
@@ -18,6 +20,23 @@ def run_config(tiny_cohort):
                      site_configs=tuple(str(p) for p in tiny_cohort[1])).to_flwr()
 
 
+def _site(run_config, partition: int) -> Site:
+    """The site a simulated node with this partition id serves (as the ClientApp finds it)."""
+    config = RunConfig.from_mapping(run_config)
+    return Site(load_site_config(config.site_configs[partition]), config.seed,
+                radiomics_features=config.radiomics_features, radiomics_params=config.radiomics_params, workers=1)
+
+
+def _train(state, round_config, run_config, partition):
+    return train_round(_site(run_config, partition), state, round_config, RunConfig.from_mapping(run_config))
+
+
+def _evaluate(state, round_config, run_config, partition):
+    site = _site(run_config, partition)
+    metrics, summary = evaluate_round(site, state, round_config, RunConfig.from_mapping(run_config))
+    return metrics, summary, site.site_id
+
+
 def _initial_state(run_config):
     config = RunConfig.from_mapping(run_config)
     return build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()),
@@ -26,13 +45,13 @@ def _initial_state(run_config):
 
 def test_train_round_changes_weights_and_is_reproducible(run_config):
     state = _initial_state(run_config)
-    new, metrics = train_round(state, {"server-round": 1}, run_config, {"partition-id": 1})
-    again, _ = train_round(state, {"server-round": 1}, run_config, {"partition-id": 1})
+    new, metrics = _train(state, {"server-round": 1}, run_config, 1)
+    again, _ = _train(state, {"server-round": 1}, run_config, 1)
     assert set(new) == set(state)
     assert any(not torch.equal(new[k], state[k]) for k in state)
     assert all(torch.equal(new[k], again[k]) for k in state)
     assert metrics["num-examples"] > 0 and np.isfinite(metrics["loss"])
-    other_round, _ = train_round(state, {"server-round": 2}, run_config, {"partition-id": 1})
+    other_round, _ = _train(state, {"server-round": 2}, run_config, 1)
     assert any(not torch.equal(new[k], other_round[k]) for k in state)
 
 
@@ -41,7 +60,7 @@ def test_evaluate_round_sends_counts_and_fixed_size_histograms(run_config):
     grid = SummaryGrid()
     shapes = {}
     for partition in range(3):
-        metrics, summary, site_id = evaluate_round(state, {"split": "test"}, run_config, {"partition-id": partition})
+        metrics, summary, site_id = _evaluate(state, {"split": "test"}, run_config, partition)
         assert set(metrics) == {"num-examples", "num-positive", "num-negative", "num-events"}
         assert sum(int(summary["auc_pos"].sum()) for _ in [0]) == metrics["num-positive"]
         assert int(summary["cidx_all"].sum()) == metrics["num-examples"]
@@ -68,17 +87,17 @@ def _config(tiny_cohort, tmp_path, **overrides):
 def test_dp_site_reports_its_spending_and_stops_when_the_budget_is_spent(tiny_cohort, tmp_path):
     config = _config(tiny_cohort, tmp_path, dp_epsilon=8.0, dp_delta=1e-5)
     state = _initial_state(config)
-    new, metrics = train_round(state, {"server-round": 1, "run-token": "a"}, config, {"partition-id": 0})
+    new, metrics = _train(state, {"server-round": 1, "run-token": "a"}, config, 0)
     assert 0 < metrics["dp-epsilon"] <= 8.0 and metrics["dp-delta"] == 1e-5
     assert metrics["dp-budget-exhausted"] == 0.0
     assert any(not torch.equal(new[k], state[k]) for k in state)
     # The run planned one round: a second would overspend, so the site returns the weights unchanged.
-    again, stopped = train_round(new, {"server-round": 2, "run-token": "a"}, config, {"partition-id": 0})
+    again, stopped = _train(new, {"server-round": 2, "run-token": "a"}, config, 0)
     assert stopped["dp-budget-exhausted"] == 1.0 and stopped["dp-epsilon"] == metrics["dp-epsilon"]
     assert all(torch.equal(again[k], new[k]) for k in new)
     # Same keys from a site outside dp-sites (Flower needs consistent replies): epsilon is infinite there.
     partial = _config(tiny_cohort, tmp_path, dp_epsilon=8.0, dp_sites=("hospital_a",))
-    _, plain = train_round(state, {"server-round": 1, "run-token": "a"}, partial, {"partition-id": 1})
+    _, plain = _train(state, {"server-round": 1, "run-token": "a"}, partial, 1)
     assert set(plain) == set(metrics) and plain["dp-epsilon"] == float("inf")
 
 
@@ -87,22 +106,20 @@ def test_local_norm_parameters_stay_at_the_site(tiny_cohort, tmp_path):
 
     config = _config(tiny_cohort, tmp_path, local_norm=True, num_server_rounds=2)
     state = _initial_state(config)
-    first, _ = train_round(state, {"server-round": 1, "run-token": "t"}, config, {"partition-id": 0})
+    first, _ = _train(state, {"server-round": 1, "run-token": "t"}, config, 0)
     norms = norm_parameter_names(build_model("cnn", len(IMAGE_CHANNELS), len(clinical_feature_names()), width=4))
     # Round 2 from an "averaged" model whose norm parameters are garbage: the site uses its own.
     averaged = {k: (v + 5.0 if k in norms else v) for k, v in first.items()}
-    a, _ = train_round(averaged, {"server-round": 2, "run-token": "t"}, config, {"partition-id": 0})
-    b, _ = train_round(first, {"server-round": 2, "run-token": "t"}, config, {"partition-id": 0})
+    a, _ = _train(averaged, {"server-round": 2, "run-token": "t"}, config, 0)
+    b, _ = _train(first, {"server-round": 2, "run-token": "t"}, config, 0)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Evaluation of round 1's model uses round 1's local norms too.
-    m1, s1, _ = evaluate_round(averaged, {"split": "val", "run-token": "t", "model-round": 1}, config,
-                               {"partition-id": 0})
-    m2, s2, _ = evaluate_round(first, {"split": "val", "run-token": "t", "model-round": 1}, config,
-                               {"partition-id": 0})
+    m1, s1, _ = _evaluate(averaged, {"split": "val", "run-token": "t", "model-round": 1}, config, 0)
+    m2, s2, _ = _evaluate(first, {"split": "val", "run-token": "t", "model-round": 1}, config, 0)
     assert all(np.array_equal(s1[k], s2[k]) for k in s1)
     # Without local-norm the garbage would be used.
     plain = _config(tiny_cohort, tmp_path, num_server_rounds=2)
-    c, _ = train_round(averaged, {"server-round": 2, "run-token": "t"}, plain, {"partition-id": 0})
+    c, _ = _train(averaged, {"server-round": 2, "run-token": "t"}, plain, 0)
     assert any(not torch.equal(c[k], b[k]) for k in c)
 
 
@@ -131,9 +148,9 @@ def test_the_fusion_model_takes_the_sites_standardised_radiomics(tiny_cohort):
     model = model_from_run_config(RunConfig.from_mapping(run_config), len(IMAGE_CHANNELS),
                                   len(clinical_feature_names()))
     state = model.state_dict()
-    new, metrics = train_round(state, {"server-round": 1}, run_config, {"partition-id": 2})
+    new, metrics = _train(state, {"server-round": 1}, run_config, 2)
     assert not torch.equal(new["radiomics_norm.weight"], state["radiomics_norm.weight"])  # it learnt from them
-    _, summary, site_id = evaluate_round(new, {"split": "test"}, run_config, {"partition-id": 2})
+    _, summary, site_id = _evaluate(new, {"split": "test"}, run_config, 2)
     assert site_id == "hospital_c" and int(summary["cidx_all"].sum()) > 0
     # without its radiomics the model refuses to predict rather than silently using zeros
     with pytest.raises(ValueError, match="takes 3 radiomics features"):

@@ -74,5 +74,5 @@ def test_splits_partition_the_site_and_are_stratified(site_a):
     assert all(len(parts[s]) > 0 for s in ("train", "test"))
     again = split_indices(site, seed=0)
     assert all(np.array_equal(parts[s], again[s]) for s in SPLITS)
-    pooled = pooled_split([site, site], "test", 0)
+    pooled = pooled_split([site_split(site, "test", 0)] * 2)
     assert len(pooled) == 2 * len(site_split(site, "test", 0))

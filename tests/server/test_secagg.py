@@ -6,6 +6,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from hccfed.client.client_app import app as client_app
 from hccfed.client.federated import train_round
+from hccfed.client.site import Site
+from hccfed.common.site_config import load_site_config
 from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
@@ -29,7 +31,8 @@ def test_secure_aggregate_equals_plain_weighted_average(tiny_cohort, tmp_path, i
     # The same round without SecAgg: each site trains from the same weights with the same seeds.
     plain, weights = [], []
     for i in range(3):
-        new, site_metrics = train_round(state, {"server-round": 1, "run-token": "t"}, raw, {"partition-id": i})
+        site = Site(load_site_config(config.site_configs[i]), config.seed, workers=1)
+        new, site_metrics = train_round(site, state, {"server-round": 1, "run-token": "t"}, config)
         plain.append(new)
         weights.append(site_metrics["num-examples"])
     weights = np.array(weights) / sum(weights)

@@ -5,7 +5,8 @@ import pytest
 
 from hccfed.client.site_data import split_indices
 from hccfed.common.site_config import load_site_config
-from hccfed.simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models, tabular_site
+from hccfed.client.site import Site
+from hccfed.simulation.classical_models import ClassicalSite, classical_model_results, run_classical_models
 
 
 def _sites(seed=0):
@@ -82,10 +83,10 @@ def test_sites_with_different_feature_lists_are_named():
 @pytest.mark.slow  # radiomics of the tiny cohort's 34 patients (about 20 s on 2 cores)
 def test_classical_model_results_gives_the_report_rows(tiny_cohort):
     _, yamls = tiny_cohort
-    prepared = [tabular_site(load_site_config(p)) for p in yamls]
-    rows = classical_model_results(prepared, seed=0, harmonize=True, site_configs=yamls, workers=2)
+    sites = [Site(load_site_config(p), 0, workers=2) for p in yamls]
+    rows = classical_model_results(sites, harmonize=True)
     assert list(rows) == ["CR (federated)", "R (federated)", "RCR (federated)"]
-    splits = [split_indices(p, 0) for p in prepared]
+    splits = [split_indices(site.prepared, 0) for site in sites]
     n_train = sum(len(s["train"]) + len(s["val"]) for s in splits)
     n_test = sum(len(s["test"]) for s in splits)
     for name, row in rows.items():

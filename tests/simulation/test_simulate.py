@@ -18,6 +18,7 @@ from hccfed.client.evaluation import clinical_summary
 from hccfed.server.audit import read_audit
 from hccfed.client.site_data import SplitData
 from hccfed.common.metrics.clinical import delong_paired_test
+from hccfed.client.site import builds_of
 from hccfed.common.run_config import RunConfig
 from hccfed.simulation.evaluation import TestPredictions, paired_delong_tests
 from hccfed.simulation.settings import SimulationSettings
@@ -80,6 +81,20 @@ def test_report_holds_every_model_with_real_figures(finished_run, tiny_site_prof
     assert set(spent) == {s.site_id for s in tiny_site_profiles} and all(0 < e <= 8.0 + 1e-6 for e in spent.values())
     assert metrics["privacy"]["runs"]["federated"]["dp_sgd"] is None
     assert "Privacy: what each hospital sent and spent" in html
+
+
+@pytest.mark.slow
+def test_each_site_is_prepared_once_per_federated_run(finished_run, tiny_site_profiles):
+    """Every message of a Flower run (rounds x train / evaluate, any Ray worker) uses the site its first
+    message prepared: one build per site per run, recorded in the site's own run snapshot."""
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    flower_runs = [m for m in metrics["models"] if m.startswith("federated")]
+    cache = finished_run.parent.parent / "cache"
+    for profile in tiny_site_profiles:
+        runs = sorted((cache / profile.site_id / "runs").iterdir())
+        assert len(runs) == len(flower_runs) == 2, profile.site_id
+        for run in runs:
+            assert [b["what"] for b in builds_of(run)] == ["prepared"], (profile.site_id, run.name)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from hccfed.client.classical_site import load_classical_site
+from hccfed.client.site import Site
 from hccfed.client.evaluation import clinical_summary
 from hccfed.common.site_config import load_site_config
 from hccfed.server.audit import read_audit
@@ -33,7 +33,7 @@ def stats_run(tmp_path_factory):
     yamls = effective_site_configs(SimulationSettings(data_dir=root / "data", cache_dir=root / "cache",
                                                       sites=profiles), root)
     result = json.loads(flower_stats_run(yamls, root / "run", seed=0).read_text())
-    sites = [load_classical_site(load_site_config(p), 0, "auto") for p in yamls]
+    sites = [Site(load_site_config(p), 0).classical("auto") for p in yamls]
     return sites, result, read_audit(root / "run" / "stats" / "messages_audit.jsonl")
 
 
