@@ -1,6 +1,7 @@
 """The `hccfed` command: parses arguments and calls client/, server/ and simulation/.
 
     hccfed synth     [--out DIR] [--seed N] [--dicom] write the synthetic hospitals (NIfTI or DICOM)
+    hccfed validate  --site site_configs/X.yaml      every check of a hospital's data, nothing prepared
     hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached, QC report)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
@@ -9,6 +10,11 @@
     hccfed pool-summaries site1.json site2.json ... --out report_dir [--threshold [MODEL=]T]
                                                      pooled clinical figures (figures.json)
     hccfed stats     [--harmonize] [--seed N] ...     CR / R / RCR by federated statistics over Flower
+
+Exit codes of validate and prepare: 0 done (validate: every patient passes); 1 validate: some patient
+would be excluded (see the table); 2 the site cannot be used (bad YAML, unusable manifest, an output
+inside the data folder): one message naming the file and key or row, nothing done; 3 prepare: no
+patient could be prepared; 4 an unexpected error (reported without a traceback; please file it).
 """
 
 from __future__ import annotations
@@ -37,21 +43,76 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_OK, EXIT_EXCLUDED, EXIT_SITE_ERROR, EXIT_NOTHING_PREPARED, EXIT_UNEXPECTED = 0, 1, 2, 3, 4
+
+
+def _site_command(name: str, run) -> int:
+    """Run a site command; every failure is one message on stderr and an exit code, never a traceback."""
+    from hccfed.client.manifest import ManifestError
+    from hccfed.client.prepare import PreparationError
+    from hccfed.common.errors import ConfigError
+
+    try:
+        return run()
+    except (ConfigError, ManifestError) as err:
+        print(f"hccfed {name}: error: {err}", file=sys.stderr)
+        return EXIT_SITE_ERROR
+    except PreparationError as err:
+        print(f"hccfed {name}: error: {err}", file=sys.stderr)
+        return EXIT_NOTHING_PREPARED
+    except OSError as err:  # e.g. the cache folder cannot be written
+        where = f" {err.filename}" if err.filename else ""
+        print(f"hccfed {name}: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_SITE_ERROR
+    except Exception as err:  # noqa: BLE001 (the last resort: still no traceback for the data manager)
+        print(f"hccfed {name}: unexpected error ({type(err).__name__}: {err}); nothing was written into the "
+              "data folder; please report this message", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _print_issues(report, limit: int = 20) -> None:
+    for issue in report.issues[:limit]:
+        print(f"  - {issue.describe()}")
+    if len(report.issues) > limit:
+        print(f"  ... and {len(report.issues) - limit} more")
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from hccfed.client.prepare import prepare_site
     from hccfed.common.site_config import load_site_config
 
-    config = load_site_config(args.site)
-    site = prepare_site(config, workers=args.workers)
-    if site.qc is not None:
-        print(site.qc.summary())
-        for issue in site.qc.issues[:20]:
-            print(f"  - {issue.describe()}")
-        if len(site.qc.issues) > 20:
-            print(f"  ... and {len(site.qc.issues) - 20} more")
-    print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}; "
-          f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
-    return 0
+    def run() -> int:
+        config = load_site_config(args.site)
+        site = prepare_site(config, workers=args.workers)
+        if site.qc is not None:
+            print(site.qc.summary())
+            _print_issues(site.qc)
+        print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}; "
+              f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
+        return EXIT_OK
+
+    return _site_command("prepare", run)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from hccfed.client.site_validation import check_outputs, validate_site
+    from hccfed.common.site_config import load_site_config
+
+    def run() -> int:
+        config = load_site_config(args.site)
+        report_dir = Path(args.report) if args.report else None
+        if report_dir is not None:
+            check_outputs(config, report_dir, report_dir / "qc_report.csv", report_dir / "qc_report.json")
+        report = validate_site(config, workers=args.workers, progress=True)
+        print(report.summary(verb="pass every check"))
+        print(report.reason_table())
+        _print_issues(report, args.show)
+        if report_dir is not None:
+            csv_path, _ = report.write(report_dir)
+            print(f"report: {csv_path} (and .json)")
+        return EXIT_EXCLUDED if report.excluded else EXIT_OK
+
+    return _site_command("validate", run)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -159,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dicom", action="store_true",
                        help="write the phases as DICOM series folders (masks stay NIfTI), as a PACS export")
     synth.set_defaults(func=_synth)
+
+    validate = sub.add_parser("validate", help="check one hospital's data (every rule, nothing prepared or written)")
+    validate.add_argument("--site", required=True, help="the hospital's YAML, e.g. site_configs/hospital_a.yaml")
+    validate.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    validate.add_argument("--report", default=None,
+                          help="also write qc_report.csv / .json into this folder (outside the data folder)")
+    validate.add_argument("--show", type=int, default=50, help="issues listed after the table (default 50)")
+    validate.set_defaults(func=_validate)
 
     prepare = sub.add_parser("prepare", help="prepare one hospital's data for training (cached)")
     prepare.add_argument("--site", required=True, help="the hospital's YAML, e.g. site_configs/hospital_a.yaml")

@@ -2,28 +2,41 @@
 
 The manifest is what a hospital exports: one row per patient with the clinical
 variables in the site's own units, the outcome, and the paths of the phase
-volumes and the tumour mask (relative to the site's data root). Every problem
-found is reported together, each naming the file, the patient and the field;
-nothing in the data folder is ever written.
+volumes and the tumour mask (relative to the site's data root). Each cell is
+checked against its declared rule (``common.schema.FIELD_RULES``, applied by
+``client.validation``); nothing in the data folder is ever written.
 
-Two modes: ``strict`` (the default) raises ``ManifestError`` listing every
-problem; otherwise problems with a row exclude that patient only and come back
-as ``client.qc.QCIssue`` entries (``Manifest.issues``), so one bad row never
-stops a site. Problems with the file as a whole (not found, a missing column)
-always raise.
+Two kinds of fault:
+- the file as a whole (not found, not text in the declared encoding, not CSV,
+  a missing, duplicated or misspelled column, no patient row) raises
+  ``ManifestError``, one message naming the file and the line or column;
+- a fault in a row excludes that patient only: a ``client.qc.QCIssue`` naming
+  the patient, the row (line of the file, the header is line 1), the column and
+  the file. ``strict`` (the default) raises ``ManifestError`` listing every such
+  problem; otherwise they come back in ``Manifest.issues``, so one bad row
+  never stops a site.
+
+Patient ids are compared without surrounding spaces and letter case: rows
+whose ids match (or that repeat an id) are all excluded as duplicates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import difflib
+import io
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hccfed.client.qc import QCIssue, unit_column
+from hccfed.client.validation import (Cell, CellProblem, check_cell, check_lab, is_missing, normalised_id,
+                                      resolve_input)
+from hccfed.common.schema import CLINICAL_COLUMNS, FIELD_RULES, LABS, OUTCOME_COLUMNS, FieldRule, path_rule
 from hccfed.common.site_config import SiteConfig
-from hccfed.common.schema import CATEGORIES, CLINICAL_COLUMNS, LABS, OUTCOME_COLUMNS
 
 
 class ManifestError(ValueError):
@@ -39,9 +52,11 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest: clinical values parsed, paths resolved and existing.
+    """A validated manifest: clinical values parsed, paths resolved (symlinks followed) and existing.
 
-    Holds the usable rows only; ``issues`` lists the rows left out (non-strict mode).
+    Holds the usable rows only; ``issues`` lists the rows left out (non-strict
+    mode) and warnings; ``rows`` maps each kept patient id to its line in the
+    file; ``ignored_columns`` are columns the schema does not use.
     """
 
     site_id: str
@@ -49,64 +64,198 @@ class Manifest:
     image_paths: dict[str, list[Path]]  # phase -> path per patient, in table order
     mask_paths: list[Path]
     issues: tuple[QCIssue, ...] = ()
+    rows: dict[str, int] = field(default_factory=dict)
+    ignored_columns: tuple[str, ...] = ()
+    path: Path | None = None  # the manifest file
 
     @property
     def patient_ids(self) -> list[str]:
         return [str(p) for p in self.table.index]
 
 
-class _Problems:
-    """Problems found in the manifest, each tied to a patient (or a row) and a reason."""
+def _decode(path: Path, data: bytes, encoding: str) -> str:
+    if not data.strip():
+        raise ManifestError(path, ["the file is empty; export the manifest with its header row"])
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"\xd0\xcf\x11\xe0"):
+        raise ManifestError(path, ["this is an Excel workbook (or another archive), not a CSV file; save it as "
+                                   "'CSV UTF-8' and point the site YAML's 'manifest' at the .csv"])
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not encoding.lower().startswith("utf-16"):
+        raise ManifestError(path, ["the file is UTF-16 text; save it as UTF-8, or set manifest_encoding: utf-16 "
+                                   "in the site YAML"])
+    try:
+        text = data.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        start = data.rfind(b"\n", 0, err.start) + 1
+        column = data[start:err.start].count(b",") + 1
+        raise ManifestError(path, [
+            f"line {line}, field {column}: byte {data[err.start]:#04x} is not valid {encoding} text; save the "
+            "manifest as UTF-8, or set manifest_encoding (e.g. latin-1 or cp1252) in the site YAML"]) from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ManifestError(path, [f"line {line}: a NUL character: the file is binary or in another encoding "
+                                   "(e.g. UTF-16); save it as UTF-8 CSV"])
+    return text
+
+
+def _read_records(config: SiteConfig) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line, cells)]) of the manifest; every problem of the file as a whole raises."""
+    path = config.manifest
+    if not path.exists():
+        raise ManifestError(path, [f"manifest file not found (site_config {config.source}: data_root/manifest)"])
+    if not path.is_file():
+        raise ManifestError(path, [f"the manifest is not a file (site_config {config.source}: key 'manifest')"])
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ManifestError(path, [f"cannot read the manifest ({err.strerror or err})"]) from None
+    reader = csv.reader(io.StringIO(_decode(path, data, config.manifest_encoding), newline=""), strict=True)
+    records, start = [], 1
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for cells in reader:
+            if any(c.strip() for c in cells):  # blank lines (or a row of empty cells) are no patient
+                records.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as err:  # strict: a quote never closed would otherwise swallow the rows after it
+        raise ManifestError(path, [f"line {start}: not valid CSV ({err}); check the quotes from that line on"]) \
+            from None
+    return [h.strip() for h in header], records
+
+
+def _required_columns(config: SiteConfig, images: bool = True) -> list[str]:
+    return (["patient_id"] + list(CLINICAL_COLUMNS) + list(LABS) + list(OUTCOME_COLUMNS)
+            + ([config.phase_columns[p] for p in config.phase_columns] + [config.mask_column] if images else []))
+
+
+def _check_header(path: Path, header: list[str], config: SiteConfig,
+                  records: list[tuple[int, list[str]]], images: bool = True) -> list[str]:
+    """The ignored columns; raises for a header that would make a value be read wrongly."""
+    if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
+        raise ManifestError(path, [f"line 1: the header is one column ({header[0][:60]!r}...): the file is not "
+                                   "comma-separated; export it with ',' as the delimiter"])
+    problems = []
+    for index, name in enumerate(header):
+        if not name and any(index < len(c) and c[index].strip() for _, c in records):
+            problems.append(f"line 1: column {index + 1} has values but no name")
+    named = [h for h in header if h]
+    for name in sorted({h for h in named if named.count(h) > 1}):
+        problems.append(f"line 1: column '{name}' appears {named.count(name)} times; keep one")
+    required = _required_columns(config, images)
+    known = set(_required_columns(config)) | {unit_column(lab) for lab in LABS}
+    for name in required:
+        if name not in named:
+            close = difflib.get_close_matches(name, [h for h in named if h not in known], n=1, cutoff=0.75)
+            close += [h for h in named if h.casefold() == name.casefold() and h not in close]
+            problems.append(f"missing column '{name}'" + (f" (is '{close[0]}' meant?)" if close else ""))
+    ignored = [h for h in named if h not in known]
+    for name in ignored:  # a unit column that would be ignored leaves the lab in the site's unit: refuse
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+        if re.search(r"(^|[_\s.-])units?($|[_\s.-])", name.casefold()) or close:
+            target = close[0] if close else f"<lab>_unit, one of {[unit_column(lab) for lab in LABS]}"
+            problems.append(f"column '{name}' is not a known column (is '{target}' meant?); rename it, or it "
+                            "would be ignored")
+    if problems:
+        raise ManifestError(path, problems)
+    if not records:
+        raise ManifestError(path, ["the manifest has a header but no patient row"])
+    return ignored
+
+
+class _Rows:
+    """Issues found in the manifest, each tied to one row (its line), a patient and a column."""
 
     def __init__(self, manifest: Path):
         self.manifest = str(manifest)
         self.issues: list[QCIssue] = []
+        self.excluded: set[int] = set()
 
-    def add(self, pid, reason: str, field: str, message: str, file: str | Path | None = None) -> None:
-        self.issues.append(QCIssue(str(pid), reason, field, str(file or self.manifest), message))
+    def add(self, line: int, pid: str, column: str, problem: CellProblem, file: str | Path | None = None,
+            severity: str = "excluded") -> None:
+        who = f"patient {pid}" if pid else f"row {line}"
+        message = (f"{who} ({self.manifest} row {line}, column '{column}'): field '{column}' {problem.message}")
+        self.issues.append(QCIssue(pid or f"row {line}", problem.reason, column, str(file or self.manifest),
+                                   message, severity, line))
+        if severity == "excluded":
+            self.excluded.add(line)
 
-    def messages(self) -> list[str]:
-        return [i.message for i in self.issues]
-
-
-def _parse_numeric(table: pd.DataFrame, column: str, problems: _Problems, integer: bool = False,
-                   empty_reason: str = "missing_value") -> pd.Series:
-    raw = table[column]
-    parsed = pd.to_numeric(raw, errors="coerce")
-    for pid, value, number in zip(table["patient_id"], raw, parsed):
-        if pd.isna(number):
-            empty = pd.isna(value) or str(value).strip() == ""
-            shown = "empty" if empty else repr(value)
-            problems.add(pid, empty_reason if empty else "invalid_value", column,
-                         f"patient {pid}: field '{column}' is {shown}, expected a number")
-        elif integer and float(number) != int(number):
-            problems.add(pid, "invalid_value", column, f"patient {pid}: field '{column}' is {value!r}, "
-                         "expected a whole number")
-    return parsed
+    def note(self, line: int, pid: str, column: str, cell: Cell) -> None:
+        if cell.note:
+            self.add(line, pid, column, CellProblem("normalised_value", cell.note), severity="warning")
 
 
-def _check_category(table: pd.DataFrame, column: str, allowed: tuple[str, ...], problems: _Problems) -> None:
-    for pid, value in zip(table["patient_id"], table[column]):
-        if str(value) not in allowed:
-            problems.add(pid, "invalid_value", column,
-                         f"patient {pid}: field '{column}' is {value!r}, expected one of {list(allowed)}")
-
-
-def _resolve_paths(table: pd.DataFrame, column: str, root: Path, problems: _Problems) -> list[Path]:
-    paths = []
-    for pid, value in zip(table["patient_id"], table[column]):
-        if pd.isna(value) or str(value).strip() == "":
-            problems.add(pid, "missing_value", column, f"patient {pid}: field '{column}' is empty, expected a "
-                         "file path")
-            paths.append(root / "<missing>")
+def _patient_ids(header: list[str], records, rows: _Rows) -> dict[int, str]:
+    """The id of each row (a refused id leaves the row excluded); duplicates (normalised) excluded together."""
+    at = header.index("patient_id")
+    ids: dict[int, str] = {}
+    for line, cells in records:
+        if len(cells) != len(header):
+            raw = cells[at].strip() if at < len(cells) else ""
+            rows.add(line, raw, "patient_id", CellProblem(
+                "invalid_row", f"row {line} has {len(cells)} values where the header has {len(header)} columns "
+                "(a delimiter inside an unquoted value, or a cut line)"))
             continue
-        path = Path(str(value))
-        path = path if path.is_absolute() else root / path
-        if not path.exists():
-            problems.add(pid, "missing_file", column, f"patient {pid}: field '{column}': file not found: {path}",
-                         path)
-        paths.append(path)
-    return paths
+        cell = check_cell(FIELD_RULES["patient_id"], cells[at])
+        if cell.problem:
+            rows.add(line, "", "patient_id", cell.problem)
+            continue
+        rows.note(line, str(cell.value), "patient_id", cell)
+        ids[line] = str(cell.value)
+    groups: dict[str, list[int]] = {}
+    for line, pid in ids.items():
+        groups.setdefault(normalised_id(pid), []).append(line)
+    for lines in groups.values():
+        for line in lines if len(lines) > 1 else ():
+            others = [f"row {o} ({ids[o]!r})" for o in lines if o != line]
+            rows.add(line, ids[line], "patient_id", CellProblem(
+                "duplicate_patient", f"is {ids[line]!r}, the same patient as {', '.join(others)} (ids are compared "
+                "without surrounding spaces and letter case)"))
+    return ids
+
+
+def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids: dict[int, str],
+                images: bool = True):
+    """Per kept row: {column: value} and the resolved paths; every refused cell is an issue."""
+    at = {name: i for i, name in enumerate(header) if name}
+    values: dict[int, dict] = {}
+    paths: dict[int, dict[str, Path]] = {}
+    columns = {p: c for p, c in config.phase_columns.items()} | {"mask": config.mask_column}
+    for line, cells in records:
+        if line not in ids:
+            continue
+        pid, row = ids[line], {"patient_id": ids[line]}
+        rules = [FIELD_RULES[c] for c in CLINICAL_COLUMNS] + [FIELD_RULES[c] for c in OUTCOME_COLUMNS]
+        for rule in rules:
+            cell = check_cell(rule, cells[at[rule.column]])
+            if cell.problem:
+                rows.add(line, pid, rule.column, cell.problem)
+            rows.note(line, pid, rule.column, cell)
+            row[rule.column] = cell.value
+        for lab in LABS:
+            cell = check_cell(FieldRule(lab, "number"), cells[at[lab]])  # its range: in canonical units, below
+            raw_unit = cells[at[unit_column(lab)]] if unit_column(lab) in at else None
+            unit = config.labs[lab].unit if is_missing(raw_unit) else raw_unit.strip()
+            row[lab], row[unit_column(lab)] = cell.value, unit
+            if cell.problem:
+                rows.add(line, pid, lab, cell.problem)
+                continue
+            _, problem = check_lab(lab, float(cell.value), unit)
+            if problem:
+                column = unit_column(lab) if problem.reason == "unknown_unit" else lab
+                rows.add(line, pid, column, problem)
+        paths[line] = {}
+        for key, column in columns.items() if images else ():
+            cell = check_cell(path_rule(column), cells[at[column]])
+            if cell.problem:
+                rows.add(line, pid, column, cell.problem)
+                continue
+            path, problem = resolve_input(str(cell.value), config.data_root, config.input_roots)
+            if problem:
+                rows.add(line, pid, column, problem, path)
+            paths[line][key] = path
+        values[line] = row
+    return values, paths
 
 
 def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True) -> Manifest:
@@ -117,60 +266,29 @@ def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True) 
     ``images=False``: the clinical and outcome columns only (for clinical models): the image and
     mask columns are neither required nor checked, and the paths come back empty.
     """
-    path = config.manifest
-    if not path.exists():
-        raise ManifestError(path, [f"manifest file not found (site_config {config.source}: data_root/manifest)"])
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    required = (
-        ["patient_id"] + list(CLINICAL_COLUMNS) + list(LABS) + list(OUTCOME_COLUMNS)
-        + ([config.phase_columns[p] for p in config.phase_columns] + [config.mask_column] if images else [])
-    )
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise ManifestError(path, [f"missing column '{c}'" for c in missing])
-    problems = _Problems(path)
-    ids = table["patient_id"]
-    for row, pid in enumerate(ids, start=2):
-        if pd.isna(pid) or str(pid).strip() == "":
-            problems.add(f"row {row}", "missing_value", "patient_id", f"row {row}: field 'patient_id' is empty")
-    for pid in sorted(set(ids[ids.duplicated()].astype(str))):
-        problems.add(pid, "duplicate_patient", "patient_id",
-                     f"patient {pid}: field 'patient_id' appears more than once")
-
-    parsed = pd.DataFrame({"patient_id": ids.astype(str)})
+    header, records = _read_records(config)
+    ignored = _check_header(config.manifest, header, config, records, images)
+    rows = _Rows(config.manifest)
+    ids = _patient_ids(header, records, rows)
+    values, paths = _parse_rows(config, header, records, rows, ids, images)
+    if strict and rows.excluded:
+        raise ManifestError(config.manifest, [i.message for i in rows.issues if i.severity == "excluded"])
+    kept = [line for line, _ in records if line in values and line not in rows.excluded]
+    columns = ["patient_id", *CLINICAL_COLUMNS, *LABS, *(unit_column(lab) for lab in LABS), *OUTCOME_COLUMNS]
+    table = pd.DataFrame([values[line] for line in kept], columns=columns)
     for column, kind in CLINICAL_COLUMNS.items():
-        if kind.startswith("category:"):
-            _check_category(table, column, CATEGORIES[kind.split(":", 1)[1]], problems)
-            parsed[column] = table[column].astype(str)
-        else:
-            parsed[column] = _parse_numeric(table, column, problems, integer=kind == "int")
-    for lab in LABS:
-        parsed[lab] = _parse_numeric(table, lab, problems)
-        if unit_column(lab) in table.columns:
-            parsed[unit_column(lab)] = table[unit_column(lab)]
-    parsed["time_months"] = _parse_numeric(table, "time_months", problems, empty_reason="missing_outcome")
-    parsed["event"] = _parse_numeric(table, "event", problems, integer=True, empty_reason="missing_outcome")
-    for pid, t, e in zip(ids, parsed["time_months"], parsed["event"]):
-        if not pd.isna(t) and t < 0:
-            problems.add(pid, "invalid_value", "time_months", f"patient {pid}: field 'time_months' is {t}, "
-                         "expected >= 0")
-        if not pd.isna(e) and e not in (0, 1):
-            problems.add(pid, "invalid_value", "event", f"patient {pid}: field 'event' is {e}, expected 0 or 1")
-
-    root = config.data_root
-    if images:
-        image_paths = {p: _resolve_paths(table, col, root, problems) for p, col in config.phase_columns.items()}
-        mask_paths = _resolve_paths(table, config.mask_column, root, problems)
-    else:
-        image_paths, mask_paths = {p: [] for p in config.phase_columns}, []
-    if problems.issues and strict:
-        raise ManifestError(path, problems.messages())
-    bad = {i.patient_id for i in problems.issues}
-    keep = np.array([str(pid) not in bad and f"row {row}" not in bad for row, pid in enumerate(ids, start=2)],
-                    dtype=bool)
-    parsed = parsed[keep]
-    parsed["event"] = parsed["event"].astype(np.int64)
-    parsed["tumour_number"] = parsed["tumour_number"].astype(np.int64)
-    return Manifest(config.site_id, parsed.set_index("patient_id", drop=False),
-                    {p: [x for x, k in zip(paths, keep) if k] for p, paths in image_paths.items()},
-                    [x for x, k in zip(mask_paths, keep) if k], tuple(problems.issues))
+        if kind == "float":
+            table[column] = table[column].astype(float)
+    for column in LABS:
+        table[column] = table[column].astype(float)
+    table["time_months"] = table["time_months"].astype(float)
+    table["event"] = table["event"].astype(np.int64)
+    table["tumour_number"] = table["tumour_number"].astype(np.int64)
+    if not images:
+        return Manifest(config.site_id, table.set_index("patient_id", drop=False), {p: [] for p in
+                        config.phase_columns}, [], tuple(rows.issues), {ids[line]: line for line in kept},
+                        tuple(ignored), config.manifest)
+    return Manifest(config.site_id, table.set_index("patient_id", drop=False),
+                    {p: [paths[line][p] for line in kept] for p in config.phase_columns},
+                    [paths[line]["mask"] for line in kept], tuple(rows.issues),
+                    {ids[line]: line for line in kept}, tuple(ignored), config.manifest)

@@ -1,8 +1,9 @@
 """Turn a site's manifest and volumes into model-ready, cached arrays.
 
-Per patient (``prepare_patient``): read every phase and the tumour mask (NIfTI
-files or DICOM series folders, ``client.ingest``), check them (non-empty mask,
-tumour inside every phase), optionally correct the bias field (N4), rigidly
+Per patient (``prepare_patient``): read and check every phase and the tumour
+mask (NIfTI files or DICOM series folders, every rule of the validation layer:
+``client.image_checks.load_patient``; the mask made binary by its declared
+labels), optionally correct the bias field (N4), rigidly
 register every phase to the mask's phase (``client.registration``), find the
 largest tumour and resample a cube of ``crop_voxels`` voxels centred on it:
 either ``spacing_mm`` voxels (a fixed physical size, the default) or the
@@ -11,43 +12,37 @@ neighbour for the mask). Each phase is normalised against the peritumoral ring
 (``ring_mm`` wide, mostly liver) or the whole cube. The channels are the phases
 in ``common.schema.PHASES`` order plus the mask.
 
-Quality control: a patient whose manifest row, labs or volumes have a problem
-is excluded and listed in the site's QC report (``client.qc``), written as
-``qc_report.csv`` / ``qc_report.json`` in the cache folder; the other patients
-are prepared. Only a bad configuration or an unusable manifest stops a site.
+Quality control: a patient whose manifest row, labs or volumes have a problem,
+or who shares a file or a volume's voxels with another patient, is excluded and
+listed in the site's QC report (``client.qc``), written as ``qc_report.csv`` /
+``qc_report.json`` in the cache folder; the other patients are prepared. Only a
+bad configuration or an unusable manifest stops a site, before any work.
 
-Cache, under the site's ``cache_dir`` (the hospital's data folder is only ever
-read): one entry per patient keyed by a hash of that patient's files (path,
-size, modification time; every file of a DICOM folder) and of the
-preprocessing config, so a fixed or added patient is prepared alone; and the
-assembled site keyed by the manifest, the lab config and every patient's key,
-so a second run with nothing changed does no work.
+The cache (``client.prepare_cache``) lies under the site's ``cache_dir``,
+outside the data folder (checked); the data folder is only ever read.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from hccfed.client.ingest import check_mask, check_overlap, read_volume
+from hccfed.client.image_checks import PatientJob, load_patient
 from hccfed.client.labs import clinical_features, harmonize_labs
-from hccfed.client.manifest import Manifest, read_manifest
-from hccfed.client.qc import PatientQCError, QCIssue, QCReport, check_labs
+from hccfed.client.prepare_cache import (PREPARE_VERSION, PatientResult, cache_key, load_patient_entry, load_site,
+                                         patient_entry, patient_key, save_patient, save_site)
+from hccfed.client.qc import PatientQCError, QCReport, patient_issue
 from hccfed.client.registration import register_rigid
+from hccfed.client.site_validation import content_duplicates, patient_jobs, run_parallel, screen_site
 from hccfed.common.site_config import Preprocessing, SiteConfig
 from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
-PREPARE_VERSION = "3"
+__all__ = ["PREPARE_VERSION", "PatientJob", "PreparationError", "PreparedSite", "patient_jobs", "patient_key",
+           "prepare_patient", "prepare_site"]
 
 
 class PreparationError(RuntimeError):
@@ -82,28 +77,6 @@ class PreparedSite:
 
     def __len__(self) -> int:
         return len(self.patient_ids)
-
-
-@dataclass(frozen=True)
-class PatientJob:
-    """What one worker needs to prepare one patient (picklable)."""
-
-    patient_id: str
-    phase_paths: tuple[str, ...]  # in PHASES order
-    phase_fields: tuple[str, ...]  # the manifest columns they came from
-    mask_path: str
-    mask_field: str
-    mask_phase: str
-    prep: Preprocessing
-
-
-@dataclass
-class PatientResult:
-    """A prepared cube, or None with the issues that excluded the patient (warnings either way)."""
-
-    patient_id: str
-    cube: np.ndarray | None
-    issues: list[QCIssue]
 
 
 def _largest_tumour(mask: sitk.Image) -> tuple[tuple[float, ...], np.ndarray]:
@@ -174,30 +147,18 @@ def _resample_extended(image: sitk.Image, reference: sitk.Image, transform: sitk
     return resample.Execute(image)
 
 
-def prepare_patient(job: PatientJob) -> tuple[np.ndarray, list[str]]:
-    """(cube of shape (len(PHASES) + 1, D, H, W) float16, warnings) for one patient.
-
-    Raises ``PatientQCError`` (reason, field, file) when the patient cannot be prepared.
-    """
-    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+def _cube(job: PatientJob, fixed_mask: sitk.Image, images: dict[str, sitk.Image]) -> np.ndarray:
+    """The cube of one patient from its checked volumes (binary mask, float32 phases)."""
     prep = job.prep
-    warnings: list[str] = []
-    mask, found = read_volume(job.mask_path, job.mask_field)
-    warnings += found
-    check_mask(mask, job.mask_field, job.mask_path)
-    images = {}
-    for phase, path, column in zip(PHASES, job.phase_paths, job.phase_fields):
-        image, found = read_volume(path, column)
-        warnings += found
-        check_overlap(mask, image, column, path, job.mask_path)
-        images[phase] = n4_correct(image) if prep.n4_bias_correction else sitk.Cast(image, sitk.sitkFloat32)
-    centre, extent = _largest_tumour(mask)
+    if prep.n4_bias_correction:
+        images = {phase: n4_correct(image) for phase, image in images.items()}
+    centre, extent = _largest_tumour(fixed_mask)
     reference = _crop_reference(centre, prep, extent)
     spacing = reference.GetSpacing()[0]
-    mask_cube = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    mask_cube = sitk.Resample(fixed_mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     mask_array = sitk.GetArrayFromImage(mask_cube) > 0
     if not mask_array.any():
-        raise PatientQCError("mask_outside_image", f"the tumour of {job.mask_path} vanishes when resampled to "
+        raise PatientQCError("implausible_mask", f"the tumour of {job.mask_path} vanishes when resampled to "
                              f"{spacing:.2f} mm voxels; lower preprocessing.spacing_mm", job.mask_field, job.mask_path)
     ring = None
     if prep.normalisation == "zscore_ring":
@@ -211,134 +172,40 @@ def prepare_patient(job: PatientJob) -> tuple[np.ndarray, list[str]]:
         cube = _resample_extended(images[phase], reference, transform)
         channels.append(_zscore(sitk.GetArrayFromImage(cube), ring))
     channels.append(mask_array.astype(np.float32))
-    return np.stack(channels).astype(np.float16), warnings
+    cube = np.stack(channels).astype(np.float16)
+    if not np.all(np.isfinite(cube)):  # e.g. a float64 phase beyond float16's range
+        raise PatientQCError("non_finite_voxels", "the prepared cube holds non-finite values (a phase's intensities "
+                             "exceed float16 once normalised)", job.phase_fields[0], job.phase_paths[0])
+    return cube
+
+
+def prepare_patient(job: PatientJob) -> tuple[np.ndarray, list]:
+    """(cube of shape (len(PHASES) + 1, D, H, W) float16, notes) for one patient.
+
+    Raises ``PatientQCError`` (reason, field, file) when the patient cannot be prepared.
+    """
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    volumes = load_patient(job)
+    return _cube(job, volumes.mask, volumes.images), volumes.notes
 
 
 def _prepare_one(job: PatientJob) -> PatientResult:
-    """Prepare one patient; never raises: a failure becomes a QC issue naming the patient and files."""
+    """Check and prepare one patient; never raises: a failure becomes a QC issue naming the patient and files."""
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    pid, issues, digests = job.patient_id, [], {}
     try:
-        cube, warnings = prepare_patient(job)
+        volumes = load_patient(job)
+        issues = [patient_issue(pid, n.reason, n.field, n.file, n.message) for n in volumes.notes]
+        digests = volumes.digests
+        cube = _cube(job, volumes.mask, volumes.images)
     except PatientQCError as err:
-        return PatientResult(job.patient_id, None, [err.issue(job.patient_id)])
+        return PatientResult(pid, None, issues + [err.issue(pid)], digests)
     except Exception as err:  # an unexpected failure still excludes one patient only
         files = ", ".join([job.mask_path, *job.phase_paths])
-        return PatientResult(job.patient_id, None, [QCIssue(
-            job.patient_id, "preparation_failed", "", job.mask_path,
-            f"patient {job.patient_id}: could not prepare the volumes ({type(err).__name__}: {err}); files: {files}")])
-    issues = [QCIssue(job.patient_id, "dicom_series", "", "", f"patient {job.patient_id}: {w}", "warning")
-              for w in warnings]
-    return PatientResult(job.patient_id, cube, issues)
-
-
-# ----------------------------------------------------------------------------- cache
-
-def _file_stamps(path: Path) -> list[str]:
-    """path|size|mtime of a file, or of every file under a folder (a DICOM series)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for file in files:
-        stat = file.stat()
-        out.append(f"{file}|{stat.st_size}|{stat.st_mtime_ns}")
-    return out
-
-
-def patient_key(job: PatientJob) -> str:
-    """Hash of everything one patient's cube depends on: its files and the preprocessing config."""
-    digest = hashlib.sha256()
-    digest.update(PREPARE_VERSION.encode())
-    digest.update(json.dumps(asdict(job.prep), sort_keys=True).encode())
-    digest.update(f"{job.mask_phase}|{job.phase_fields}|{job.mask_field}".encode())
-    for path in (*job.phase_paths, job.mask_path):
-        digest.update("\n".join(_file_stamps(Path(path))).encode())
-    return digest.hexdigest()[:20]
-
-
-def cache_key(config: SiteConfig, manifest: Manifest, patient_keys: list[str]) -> str:
-    """Hash of everything the assembled site depends on."""
-    digest = hashlib.sha256()
-    digest.update(PREPARE_VERSION.encode())
-    digest.update(json.dumps(asdict(config.preprocessing), sort_keys=True).encode())
-    digest.update(json.dumps({k: asdict(v) for k, v in config.labs.items()}, sort_keys=True).encode())
-    digest.update(config.manifest.read_bytes())
-    digest.update("|".join(manifest.patient_ids).encode())
-    digest.update("|".join(patient_keys).encode())
-    return digest.hexdigest()[:20]
-
-
-def _patient_entry(config: SiteConfig, patient_id: str, key: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", patient_id)
-    return config.cache_dir / "patients" / f"{safe}-{key}.npz"
-
-
-def _save_patient(path: Path, result: PatientResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    cube = result.cube if result.cube is not None else np.zeros((0,), np.float16)
-    np.savez(tmp, cube=cube, ok=np.array(result.cube is not None),
-             issues=np.array(json.dumps([asdict(i) for i in result.issues])))
-    os.replace(tmp, path)
-
-
-def _load_patient(path: Path, patient_id: str) -> PatientResult | None:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            cube = data["cube"] if bool(data["ok"]) else None
-            issues = [QCIssue(**i) for i in json.loads(str(data["issues"]))]
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable entry: prepare again
-    return PatientResult(patient_id, cube, issues)
-
-
-def _save(path: Path, site: PreparedSite) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    arrays = {k: v for k, v in vars(site).items() if isinstance(v, np.ndarray)}
-    np.savez(tmp, clinical_names=np.array(site.clinical_names), site_id=np.array(site.site_id), **arrays)
-    os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
-    if site.qc is not None:
-        qc_path = path.with_name(path.name.replace("prepared-", "qc-").replace(".npz", ".json"))
-        qc_path.write_text(json.dumps(site.qc.to_dict()))
-
-
-def _load(path: Path) -> PreparedSite:
-    with np.load(path, allow_pickle=False) as data:
-        fields = {k: data[k] for k in data.files}
-    site = PreparedSite(
-        site_id=str(fields.pop("site_id")),
-        clinical_names=[str(n) for n in fields.pop("clinical_names")],
-        **fields,
-    )
-    qc_path = path.with_name(path.name.replace("prepared-", "qc-").replace(".npz", ".json"))
-    if qc_path.exists():
-        site.qc = QCReport.from_dict(json.loads(qc_path.read_text()))
-    return site
-
-
-# ----------------------------------------------------------------------------- the site
-
-def patient_jobs(config: SiteConfig, manifest: Manifest) -> list[PatientJob]:
-    """One job per manifest patient, in manifest order."""
-    fields_ = tuple(config.phase_columns[p] for p in PHASES)
-    return [PatientJob(pid, tuple(str(manifest.image_paths[p][i]) for p in PHASES), fields_,
-                       str(manifest.mask_paths[i]), config.mask_column, config.mask_phase, config.preprocessing)
-            for i, pid in enumerate(manifest.patient_ids)]
-
-
-def _run_jobs(jobs: list[PatientJob], workers: int, bar) -> list[PatientResult]:
-    if not jobs:
-        return []
-    if workers == 1 or len(jobs) == 1:
-        results = []
-        for job in jobs:
-            results.append(_prepare_one(job))
-            bar.update()
-        return results
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        for result in pool.map(_prepare_one, jobs, chunksize=1):
-            results.append(result)
-            bar.update()
-    return results
+        return PatientResult(pid, None, issues + [patient_issue(
+            pid, "preparation_failed", "", job.mask_path,
+            f"could not prepare the volumes ({type(err).__name__}: {err}); files: {files}")], digests)
+    return PatientResult(pid, cube, issues, digests)
 
 
 def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedSite:
@@ -346,50 +213,49 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
 
     ``workers`` processes prepare patients in parallel (default: all cores).
     The returned site's ``qc`` is the QC report, also written to
-    ``config.cache_dir / "qc_report.{csv,json}"``. Raises ManifestError when the
-    manifest as a whole is unusable, PreparationError when no patient passes QC.
+    ``config.cache_dir / "qc_report.{csv,json}"``. Raises ConfigError or
+    ManifestError, before any work, when the configuration or the manifest as a
+    whole is unusable (or the cache would lie in the data folder), and
+    PreparationError when no patient passes QC.
     """
-    manifest = read_manifest(config, strict=False)
-    jobs = patient_jobs(config, manifest)
+    screening = screen_site(config)
+    jobs = screening.jobs
     keys = [patient_key(job) for job in jobs]
-    cache_file = config.cache_dir / f"prepared-{cache_key(config, manifest, keys)}.npz"
+    key = cache_key(config, config.manifest.read_bytes(), [j.patient_id for j in jobs], keys)
+    cache_file = config.cache_dir / f"prepared-{key}.npz"
     if cache_file.exists():
-        site = _load(cache_file)
-        if site.qc is not None:
-            site.qc.write(config.cache_dir)
-        return site
+        site = load_site(cache_file, PreparedSite)
+        if site is not None:
+            if site.qc is not None:
+                site.qc.write(config.cache_dir)
+            return site
 
-    issues = list(manifest.issues)
-    table, lab_issues = check_labs(manifest.table, config)
-    issues += lab_issues
-    lab_failed = {i.patient_id for i in lab_issues}
     results: dict[str, PatientResult] = {}
     todo = []
     for job, key in zip(jobs, keys):
-        if job.patient_id in lab_failed:
-            continue
-        cached = _load_patient(_patient_entry(config, job.patient_id, key), job.patient_id)
+        cached = load_patient_entry(patient_entry(config, job.patient_id, key), job.patient_id)
         if cached is not None:
             results[job.patient_id] = cached
         else:
             todo.append((job, key))
-    workers = workers or os.cpu_count() or 1
     with tqdm(total=len(todo), desc=f"prepare {config.site_id}", unit="patient", disable=not progress) as bar:
-        fresh = _run_jobs([job for job, _ in todo], workers, bar)
+        fresh = run_parallel(_prepare_one, [job for job, _ in todo], workers, bar)
     for (job, key), result in zip(todo, fresh):
-        _save_patient(_patient_entry(config, job.patient_id, key), result)
+        save_patient(patient_entry(config, job.patient_id, key), result)
         results[job.patient_id] = result
+    issues = list(screening.issues)
     for job in jobs:
-        if job.patient_id in results:
-            issues += results[job.patient_id].issues
-    prepared = [pid for pid in manifest.patient_ids if pid in results and results[pid].cube is not None]
+        issues += results[job.patient_id].issues
+    issues += content_duplicates({pid: r.digests for pid, r in results.items() if r.digests})
+    excluded = {i.patient_id for i in issues if i.severity == "excluded"}
+    prepared = [j.patient_id for j in jobs if results[j.patient_id].cube is not None and j.patient_id not in excluded]
     report = QCReport(config.site_id, prepared, issues)
     report.write(config.cache_dir)
     if not prepared:
         raise PreparationError(
             f"site {config.site_id}: no patient could be prepared ({len(report.excluded)} excluded); "
             f"see the QC report {config.cache_dir / 'qc_report.csv'}")
-    table = table.loc[prepared]
+    table = screening.table.loc[prepared]
     lab_table = harmonize_labs(table, config)
     times = table["time_months"].to_numpy(dtype=float)
     events = table["event"].to_numpy(dtype=np.int64)
@@ -405,5 +271,5 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
         lab_categories=lab_table[[f"{lab}_cat" for lab in LABS]].to_numpy(dtype=np.int64),
         qc=report,
     )
-    _save(cache_file, site)
+    save_site(cache_file, site)
     return site

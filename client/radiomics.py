@@ -32,6 +32,7 @@ import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -41,10 +42,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from hccfed.client.image_checks import binary_tumour
 from hccfed.client.ingest import read_volume
 from hccfed.client.manifest import read_manifest
 from hccfed.client.radiomics_features import features_of, make_extractor, normalise_image, resolve_params
-from hccfed.common.site_config import SiteConfig
+from hccfed.common.site_config import MaskLabels, SiteConfig
 from hccfed.common.schema import PHASES
 
 #: Part of every cache key: bump it whenever the extraction's output changes for the same inputs
@@ -66,6 +68,7 @@ class RadiomicsJob:
     ring_mm: float
     mask_phase: str = "portal"
     perturb_seed: int | None = None
+    mask_labels: MaskLabels = dataclasses.field(default_factory=MaskLabels)  # the site's declared label semantics
 
 
 @dataclass
@@ -138,6 +141,7 @@ def _region_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
 def patient_regions(job: RadiomicsJob) -> dict[str, sitk.Image]:
     """The tumour (perturbed for a second reader) and ring masks of one patient, on the mask's whole grid."""
     mask, _ = read_volume(job.mask_path, "mask")
+    mask = binary_tumour(mask, job.mask_labels, "mask", job.mask_path)  # the tumour labels only, as prepare
     tumour = sitk.GetArrayFromImage(mask) > 0
     if not tumour.any():
         raise ValueError(f"patient {job.patient_id}: the tumour mask {job.mask_path} is empty")
@@ -182,6 +186,7 @@ def job_key(job: RadiomicsJob) -> str:
     digest.update(f"{RADIOMICS_VERSION}|pyradiomics {metadata.version('pyradiomics')}".encode())
     digest.update(Path(job.params_path).read_bytes())
     digest.update(f"{job.ring_mm}|{job.mask_phase}|{job.perturb_seed}|{job.phase_fields}".encode())
+    digest.update(f"{job.mask_labels}".encode())
     for path in (*job.phase_paths, job.mask_path):
         digest.update(_file_stamp(path).encode())
     return digest.hexdigest()[:20]
@@ -215,7 +220,7 @@ def site_jobs(config: SiteConfig, params: str | Path = "fast", perturb_seed: int
     wanted = None if patient_ids is None else set(patient_ids)
     return [RadiomicsJob(pid, tuple(str(manifest.image_paths[p][i]) for p in PHASES), fields,
                          str(manifest.mask_paths[i]), params_path, config.preprocessing.ring_mm, config.mask_phase,
-                         perturb_seed)
+                         perturb_seed, config.mask_labels)
             for i, pid in enumerate(manifest.patient_ids) if wanted is None or pid in wanted]
 
 

@@ -113,6 +113,134 @@ def manifest_columns(phases: tuple[str, ...] = PHASES) -> list[str]:
     )
 
 
+# ----------------------------------------------------------------------------- validation rules
+# One declared rule per manifest field and per image property; ``client.validation`` applies them
+# (and nothing else decides what a valid value is).
+
+#: Cell contents read as "no value" (after stripping whitespace, compared case-insensitively).
+MISSING_TOKENS: tuple[str, ...] = ("", "na", "n/a", "nan", "null", "none", "-", "?", ".", "missing", "unknown")
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What a valid value of one manifest column is.
+
+    ``kind``: "id" (a patient identifier), "number" (a finite float), "integer"
+    (a whole number), "category" (one of ``allowed``, matched case-insensitively
+    and stored in its canonical spelling), "path" (a file or folder under the
+    data root). ``low`` / ``high``: the plausible range, in ``unit``; a value
+    outside it is implausible (a typing or unit error), never clipped.
+    ``low_open``: the value must be strictly above ``low``. ``missing_reason``:
+    the QC reason of an empty cell.
+    """
+
+    column: str
+    kind: str
+    unit: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    allowed: tuple[str, ...] = ()
+    missing_reason: str = "missing_value"
+
+    def range_text(self) -> str:
+        left = "(" if self.low_open else "["
+        return f"{left}{self.low:g}, {self.high:g}] {self.unit}".strip()
+
+
+#: Longest patient id accepted (ids become file names in the cache).
+MAX_ID_LENGTH = 64
+
+#: The declared rule of every clinical and outcome column (labs: ``lab_rule``; paths: ``path_rule``).
+FIELD_RULES: dict[str, FieldRule] = {
+    rule.column: rule
+    for rule in (
+        FieldRule("patient_id", "id"),
+        FieldRule("age", "number", "years", 1.0, 110.0),
+        FieldRule("sex", "category", allowed=SEXES),
+        FieldRule("tumour_number", "integer", "tumours", 1, 50),
+        FieldRule("tumour_diameter_mm", "number", "mm", 1.0, 300.0),
+        FieldRule("child_pugh", "category", allowed=CHILD_PUGH_CLASSES),
+        FieldRule("hepatitis", "category", allowed=HEPATITIS_TYPES),
+        FieldRule("time_months", "number", "months", 0.0, 600.0, low_open=True, missing_reason="missing_outcome"),
+        FieldRule("event", "integer", "", 0, 1, missing_reason="missing_outcome"),
+    )
+}
+
+
+def lab_rule(lab: str) -> FieldRule:
+    """A lab column: a finite number; its range is checked in canonical units (``LabSpec.physiological``)."""
+    spec = LABS[lab]
+    return FieldRule(lab, "number", spec.canonical_unit, *spec.physiological)
+
+
+def path_rule(column: str) -> FieldRule:
+    """A phase or mask column: a path relative to the data root (or absolute, inside an allowed root)."""
+    return FieldRule(column, "path")
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What every phase volume must be. Spacings in mm."""
+
+    min_voxels_per_axis: int = 3
+    spacing_mm: tuple[float, float] = (0.05, 50.0)
+    #: fewer distinct voxel values than this: a blank, binary or label image, not an MR phase
+    min_distinct_values: int = 8
+    #: a voxel beyond this magnitude is a corrupt value or a wrong scaling (MR and CT values are far below)
+    max_abs_intensity: float = 1e7
+    #: direction matrices whose columns deviate from orthonormal by more than this are corrupt
+    direction_tolerance: float = 1e-3
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """What a tumour mask must be, once its label semantics (site YAML ``mask_labels``) are applied."""
+
+    #: the tumour's largest share of the mask phase's field of view (a liver or the image given as mask is larger)
+    max_tumour_fraction: float = 0.25
+    min_tumour_voxels: int = 8
+    min_tumour_volume_mm3: float = 20.0
+    #: a mask on the same voxel grid size as the image must share its geometry within these (mm; cosines)
+    geometry_tolerance_mm: float = 0.5
+    direction_tolerance: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DicomRules:
+    """What a DICOM series folder must be. Distances in mm."""
+
+    #: a step between slices above this multiple of the usual step is a missing slice
+    gap_factor: float = 1.5
+    #: steps may differ from the usual step by this fraction (or ``spacing_tolerance_mm``) at most
+    spacing_tolerance: float = 0.05
+    spacing_tolerance_mm: float = 0.01
+    #: two slices closer than this share a position
+    same_position_mm: float = 1e-3
+    orientation_tolerance: float = 1e-3
+    pixel_spacing_tolerance_mm: float = 1e-3
+    #: a slice displaced within its own plane by more than this fraction of a pixel is misplaced
+    in_plane_shift_pixels: float = 0.5
+
+
+IMAGE_RULES = ImageRules()
+MASK_RULES = MaskRules()
+DICOM_RULES = DicomRules()
+
+#: SOP classes of DICOM objects that are not image slices (skipped with a note when found in a series folder):
+#: prefixes of the UIDs: directories, structured reports, presentation states, key objects, RT objects,
+#: encapsulated documents, raw data and segmentations.
+NON_IMAGE_SOP_PREFIXES: tuple[str, ...] = (
+    "1.2.840.10008.1.3.10",  # Media Storage Directory (DICOMDIR)
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT objects
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, segmentation, surfaces
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+)
+
+
 def early_recurrence_label(time_months: np.ndarray, event: np.ndarray) -> np.ndarray:
     """Binary early-recurrence label: 1, 0, or ``UNKNOWN_LABEL``.
 

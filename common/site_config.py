@@ -6,6 +6,9 @@ Every error names the file and the key. The run-wide values are in
 
 from __future__ import annotations
 
+import codecs
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,6 +17,9 @@ import yaml
 
 from hccfed.common.errors import ConfigError
 from hccfed.common.schema import LABS, PHASES, image_column
+
+#: A site id becomes part of folder and file names: letters, digits, "_" and "-".
+SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 TREATMENTS = ("resection", "ablation", "transplant")
 NORMALISATIONS = ("zscore_ring", "zscore_box")
@@ -71,6 +77,20 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class MaskLabels:
+    """What the values of a site's mask files mean.
+
+    Voxels whose value is in ``tumour`` are the tumour; values in ``ignore``
+    (e.g. a liver label of a LiTS-style label map) and 0 are background. Any
+    other value, or a non-integer value (a probability map), makes the mask
+    invalid for that patient: nothing is guessed.
+    """
+
+    tumour: tuple[int, ...] = (1,)
+    ignore: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's settings. Paths are absolute once loaded."""
 
@@ -85,16 +105,32 @@ class SiteConfig:
     cache_dir: Path
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     source: Path | None = None
+    mask_labels: MaskLabels = field(default_factory=MaskLabels)
+    #: further folders (besides data_root) that manifest paths may point into; resolved, absolute
+    allowed_roots: tuple[Path, ...] = ()
+    manifest_encoding: str = "utf-8"
+
+    @property
+    def input_roots(self) -> tuple[Path, ...]:
+        """Every folder an input may lie in (data_root first); nothing is ever written into them."""
+        return (self.data_root, *self.allowed_roots)
 
 
 def _require(mapping: Mapping[str, Any], key: str, where: str, kind: type | tuple) -> Any:
     if key not in mapping:
         raise ConfigError(f"{where}: missing key '{key}'")
     value = mapping[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
     return value
+
+
+def _finite(value: float, where: str, key: str) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _parse_labs(raw: Mapping[str, Any], where: str) -> dict[str, LabRange]:
@@ -105,42 +141,53 @@ def _parse_labs(raw: Mapping[str, Any], where: str) -> dict[str, LabRange]:
     for lab, spec in LABS.items():
         key = f"labs.{lab}"
         entry = _require(raw, lab, f"{where}: key 'labs'", dict)
+        extra = sorted(set(entry) - {"unit", "lower", "upper"})
+        if extra:
+            raise ConfigError(f"{where}: key '{key}' has unknown keys {extra}; known: ['lower', 'unit', 'upper']")
         unit = _require(entry, "unit", f"{where}: key '{key}'", str)
         if unit not in spec.conversions:
             raise ConfigError(
                 f"{where}: key '{key}.unit' is {unit!r}; known units for {lab}: "
                 f"{sorted(spec.conversions)}"
             )
-        lower = float(_require(entry, "lower", f"{where}: key '{key}'", (int, float)))
-        upper = float(_require(entry, "upper", f"{where}: key '{key}'", (int, float)))
+        lower = _finite(_require(entry, "lower", f"{where}: key '{key}'", (int, float)), where, f"{key}.lower")
+        upper = _finite(_require(entry, "upper", f"{where}: key '{key}'", (int, float)), where, f"{key}.upper")
         if not lower < upper:
             raise ConfigError(f"{where}: key '{key}' needs lower < upper, got {lower} and {upper}")
+        factor, (low, high) = spec.conversions[unit], spec.physiological
+        if lower * factor < low or upper * factor > high:
+            raise ConfigError(  # a range typed in another unit than the one declared
+                f"{where}: key '{key}': the reference range [{lower}, {upper}] {unit} is "
+                f"[{lower * factor:g}, {upper * factor:g}] {spec.canonical_unit}, outside the physiological "
+                f"range [{low:g}, {high:g}] {spec.canonical_unit}; check the unit and the limits")
         labs[lab] = LabRange(unit=unit, lower=lower, upper=upper)
     return labs
 
 
+#: (lowest, highest) accepted value of each numeric preprocessing key
+_PREPROCESSING_BOUNDS: dict[str, tuple[float, float]] = {
+    "spacing_mm": (0.1, 20.0), "crop_voxels": (8, 256), "ring_mm": (0.5, 100.0), "box_margin_mm": (0.0, 200.0),
+    "registration_iterations": (1, 10000), "registration_region_mm": (10.0, 2000.0),
+    "registration_spacing_mm": (0.5, 50.0), "registration_metric_threshold": (-10.0, 10.0),
+    "registration_max_rotation_deg": (0.1, 180.0), "registration_max_shift_mm": (0.1, 1000.0),
+}
+
+
 def _parse_preprocessing(raw: Mapping[str, Any], where: str) -> Preprocessing:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: key 'preprocessing' must be a mapping, got {raw!r}")
     known = {f.name for f in fields(Preprocessing)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: key 'preprocessing' has unknown keys {unknown}; known: {sorted(known)}")
     _check_preprocessing_types(raw, where)
     prep = Preprocessing(**raw)
-    if prep.spacing_mm <= 0 or prep.crop_voxels < 8:
-        raise ConfigError(f"{where}: key 'preprocessing' needs spacing_mm > 0 and crop_voxels >= 8")
+    for key, (low, high) in _PREPROCESSING_BOUNDS.items():
+        value = getattr(prep, key)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"{where}: key 'preprocessing.{key}' must lie in [{low}, {high}], got {value!r}")
     if prep.normalisation not in NORMALISATIONS:
         raise ConfigError(f"{where}: key 'preprocessing.normalisation' must be one of {list(NORMALISATIONS)}")
-    if prep.ring_mm <= 0:
-        raise ConfigError(f"{where}: key 'preprocessing.ring_mm' must be > 0")
-    if prep.box_margin_mm is not None and prep.box_margin_mm < 0:
-        raise ConfigError(f"{where}: key 'preprocessing.box_margin_mm' must be >= 0 (or absent)")
-    if (prep.registration_iterations < 1 or prep.registration_region_mm <= 0
-            or prep.registration_spacing_mm <= 0):
-        raise ConfigError(f"{where}: key 'preprocessing' needs registration_iterations >= 1, "
-                          "registration_region_mm > 0 and registration_spacing_mm > 0")
-    if prep.registration_max_rotation_deg <= 0 or prep.registration_max_shift_mm <= 0:
-        raise ConfigError(f"{where}: key 'preprocessing' needs registration_max_rotation_deg > 0 and "
-                          "registration_max_shift_mm > 0")
     return prep
 
 
@@ -164,55 +211,155 @@ def _check_preprocessing_types(raw: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: key 'preprocessing.{f.name}' must be {kind}, got {value!r}")
 
 
+def _parse_mask_labels(raw: Any, where: str) -> MaskLabels:
+    if raw is None:
+        return MaskLabels()
+    if not isinstance(raw, Mapping) or set(raw) - {"tumour", "ignore"}:
+        raise ConfigError(f"{where}: key 'mask_labels' must be a mapping with 'tumour' (and optionally 'ignore'): "
+                          f"lists of whole numbers, e.g. {{tumour: [2], ignore: [1]}}; got {raw!r}")
+    out = {}
+    for key in ("tumour", "ignore"):
+        value = raw.get(key, [1] if key == "tumour" else [])
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if (not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                                               for v in value)):
+            raise ConfigError(f"{where}: key 'mask_labels.{key}' must be a list of whole numbers > 0 "
+                              f"(0 is always background), got {value!r}")
+        out[key] = tuple(sorted(set(value)))
+    if not out["tumour"]:
+        raise ConfigError(f"{where}: key 'mask_labels.tumour' must name at least one label")
+    if set(out["tumour"]) & set(out["ignore"]):
+        raise ConfigError(f"{where}: key 'mask_labels': labels {sorted(set(out['tumour']) & set(out['ignore']))} "
+                          "are both tumour and ignored")
+    return MaskLabels(**out)
+
+
+def _path(base: Path, value: Any, where: str, key: str) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: key '{key}' must be a non-empty path, got {value!r}")
+    return (base / value.strip()).resolve()  # symlinks resolved: containment is checked on the real folders
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _check_containment(config: SiteConfig, where: str) -> None:
+    """Inputs inside the declared roots; the cache (every output) outside all of them."""
+    roots = config.input_roots
+    if not _inside(config.manifest, roots):
+        raise ConfigError(f"{where}: key 'manifest' resolves to {config.manifest}, outside data_root "
+                          f"{config.data_root}; put the manifest in the data folder or list its folder under "
+                          "'allowed_roots'")
+    if _inside(config.cache_dir, roots):
+        raise ConfigError(f"{where}: key 'cache_dir' resolves to {config.cache_dir}, inside the input folder "
+                          f"{next(r for r in roots if _inside(config.cache_dir, (r,)))}; the hospital's data folder is "
+                          "only ever read: put the cache outside it")
+    for root in roots:
+        if _inside(root, (config.cache_dir,)):
+            raise ConfigError(f"{where}: key 'cache_dir' ({config.cache_dir}) contains the input folder {root}; "
+                              "put the cache beside the data folder, not around it")
+
+
+_KNOWN_KEYS = ("site_id", "data_root", "manifest", "manifest_encoding", "allowed_roots", "phases", "mask_column",
+               "mask_phase", "mask_labels", "labs", "treatment", "cache_dir", "preprocessing")
+
+
 def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
     """Validate a site's YAML mapping. Relative paths are relative to ``source``'s folder."""
     where = str(source)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(str(k) for k in set(raw) - set(_KNOWN_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(_KNOWN_KEYS)}")
     base = source.parent
     site_id = _require(raw, "site_id", where, str)
-    data_root = (base / _require(raw, "data_root", where, str)).resolve()
-    manifest = data_root / raw.get("manifest", "manifest.csv")
+    if not SITE_ID_PATTERN.fullmatch(site_id):
+        raise ConfigError(f"{where}: key 'site_id' is {site_id!r}; use letters, digits, '_' and '-' (at most 64)")
+    data_root = _path(base, _require(raw, "data_root", where, str), where, "data_root")
+    manifest = _path(data_root, raw.get("manifest", "manifest.csv"), where, "manifest")
+    encoding = raw.get("manifest_encoding", "utf-8")
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise ConfigError(f"{where}: key 'manifest_encoding' is {encoding!r}, not a known text encoding "
+                          "(e.g. utf-8, latin-1, cp1252)") from None
+    roots_raw = raw.get("allowed_roots", []) or []
+    if not isinstance(roots_raw, list):
+        raise ConfigError(f"{where}: key 'allowed_roots' must be a list of folders, got {roots_raw!r}")
+    allowed = tuple(_path(base, r, where, "allowed_roots") for r in roots_raw)
     phases_raw = raw.get("phases", {p: image_column(p) for p in PHASES})
-    if not isinstance(phases_raw, Mapping) or set(phases_raw) != set(PHASES):
+    if not isinstance(phases_raw, Mapping) or set(phases_raw) != set(PHASES) or not all(
+            isinstance(v, str) and v.strip() for v in phases_raw.values()):
         raise ConfigError(
             f"{where}: key 'phases' must map each of {list(PHASES)} to a manifest column, got {phases_raw!r}"
         )
+    mask_column = raw.get("mask_column", "mask")
+    columns = [str(phases_raw[p]).strip() for p in PHASES]
+    if not isinstance(mask_column, str) or not mask_column.strip():
+        raise ConfigError(f"{where}: key 'mask_column' must be a manifest column name, got {mask_column!r}")
+    if len(set(columns + [mask_column.strip()])) != len(PHASES) + 1:
+        raise ConfigError(f"{where}: keys 'phases' and 'mask_column' must name {len(PHASES) + 1} different "
+                          f"columns, got {columns + [mask_column]}")
     mask_phase = raw.get("mask_phase", "portal")
     if mask_phase not in PHASES:
         raise ConfigError(f"{where}: key 'mask_phase' must be one of {list(PHASES)}, got {mask_phase!r}")
     treatment = raw.get("treatment", "resection")
     if treatment not in TREATMENTS:
         raise ConfigError(f"{where}: key 'treatment' must be one of {list(TREATMENTS)}, got {treatment!r}")
-    cache_dir = (base / raw.get("cache_dir", f"../.cache/{site_id}")).resolve()
-    prep = _parse_preprocessing(raw.get("preprocessing", {}) or {}, where)
-    known = {"site_id", "data_root", "manifest", "phases", "mask_column", "mask_phase",
-             "labs", "treatment", "cache_dir", "preprocessing"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    return SiteConfig(
+    cache_dir = _path(base, raw.get("cache_dir", f"../.cache/{site_id}"), where, "cache_dir")
+    config = SiteConfig(
         site_id=site_id,
         data_root=data_root,
         manifest=manifest,
-        phase_columns={p: str(phases_raw[p]) for p in PHASES},
-        mask_column=str(raw.get("mask_column", "mask")),
+        phase_columns=dict(zip(PHASES, columns)),
+        mask_column=mask_column.strip(),
         mask_phase=mask_phase,
         labs=_parse_labs(_require(raw, "labs", where, dict), where),
         treatment=treatment,
         cache_dir=cache_dir,
-        preprocessing=prep,
+        preprocessing=_parse_preprocessing(raw.get("preprocessing", {}) or {}, where),
         source=source.resolve(),
+        mask_labels=_parse_mask_labels(raw.get("mask_labels"), where),
+        allowed_roots=allowed,
+        manifest_encoding=encoding,
     )
+    _check_containment(config, where)
+    return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (plain PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and validate one site's YAML file."""
+    """Read and validate one site's YAML file (UTF-8)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_bytes().decode("utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: site config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the site's YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the site config ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save the YAML as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_site_config(raw, path)
@@ -223,10 +370,14 @@ def site_config_to_yaml(config: SiteConfig) -> str:
     raw = {
         "site_id": config.site_id,
         "data_root": str(config.data_root),
-        "manifest": str(config.manifest.relative_to(config.data_root)),
+        "manifest": str(config.manifest.relative_to(config.data_root)
+                        if config.manifest.is_relative_to(config.data_root) else config.manifest),
+        "manifest_encoding": config.manifest_encoding,
+        "allowed_roots": [str(r) for r in config.allowed_roots],
         "phases": dict(config.phase_columns),
         "mask_column": config.mask_column,
         "mask_phase": config.mask_phase,
+        "mask_labels": {"tumour": list(config.mask_labels.tumour), "ignore": list(config.mask_labels.ignore)},
         "treatment": config.treatment,
         "cache_dir": str(config.cache_dir),
         "preprocessing": {f.name: getattr(config.preprocessing, f.name) for f in fields(Preprocessing)},

@@ -12,10 +12,11 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from hccfed.client.ingest import check_mask, check_overlap, read_volume
+from hccfed.client.image_checks import binary_tumour, check_tumour_inside
+from hccfed.client.ingest import read_volume
 from hccfed.client.prepare import prepare_site
 from hccfed.client.qc import PatientQCError
-from hccfed.common.site_config import load_site_config, site_config_to_yaml
+from hccfed.common.site_config import MaskLabels, load_site_config, site_config_to_yaml
 from hccfed.simulation.dicom_export import export_site_dicom
 
 
@@ -61,6 +62,65 @@ def test_dicom_series_is_ordered_by_position_and_keeps_geometry(tmp_path):
     means = sitk.GetArrayFromImage(image).reshape(6, -1).mean(axis=1)
     assert np.allclose(np.diff(means), 100.0)  # slices in position order, not file-name order
     assert len(warnings) == 1 and "README.txt" in warnings[0]
+
+
+SYNTAXES = ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm", "MR_small_RLE.dcm",
+            "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_padded.dcm"]
+
+
+def test_pydicom_transfer_syntaxes_read_as_the_same_volume(tmp_path):
+    """pydicom's MR_small in implicit VR, big endian, RLE, JPEG 2000, JPEG-LS (and deflate, re-encoded here):
+    a series of each gives the explicit little-endian series' volume exactly."""
+    baseline = sitk.GetArrayFromImage(read_volume(syntax_series(tmp_path / "base", "MR_small.dcm"), "x")[0])
+    for name in SYNTAXES + ["deflate"]:
+        folder = syntax_series(tmp_path / name, name)
+        if name != "deflate":
+            assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == \
+                pydicom.dcmread(get_testdata_file(name)).file_meta.TransferSyntaxUID
+        image, notes = read_volume(folder, "image_pre")
+        assert np.array_equal(sitk.GetArrayFromImage(image), baseline), name
+        assert image.GetSize() == (64, 64, 4) and notes == []
+
+
+def syntax_series(folder: Path, name: str, n: int = 4) -> Path:
+    """n copies of one of pydicom's files at 5 mm steps; pixels untouched (still in the file's transfer syntax)."""
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm" if name == "deflate" else name))
+    if name == "deflate":
+        base.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    folder.mkdir(parents=True)
+    uid = generate_uid()
+    for k in range(n):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.save_as(folder / f"s{k}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_per_slice_rescaling_is_applied_exactly(tmp_path):
+    """Slices with their own RescaleSlope / Intercept (as some scanners write): ITK alone would cast every
+    slice to the first slice's integer type and lose the fractions."""
+    folder = mr_series(tmp_path / "pre", n=4)
+    files = sorted(folder.glob("*.dcm"), key=lambda f: int(f.stem.split("_")[-1]))
+    rescale = [(1.0, 0.0), (1.0, 10.0), (2.5, 0.0), (0.5, -3.0)]
+    for file, (slope, intercept) in zip(files, rescale):
+        ds = pydicom.dcmread(file)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(file)
+    volume = sitk.GetArrayFromImage(read_volume(folder, "image_pre")[0])
+    stored = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(float)
+    for k, (slope, intercept) in enumerate(rescale):
+        assert np.array_equal(volume[k], (stored + 100 * k) * slope + intercept), k
+
+
+def test_dicomdir_and_structured_report_are_skipped_with_a_note(tmp_path):
+    folder = mr_series(tmp_path / "pre")
+    shutil.copy(get_testdata_file("test-SR.dcm"), folder / "sr.dcm")
+    shutil.copy(Path(get_testdata_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR", folder / "DICOMDIR")
+    image, notes = read_volume(folder, "image_pre")
+    assert image.GetSize() == (64, 64, 6)
+    assert len(notes) == 1 and "DICOMDIR" in notes[0] and "sr.dcm" in notes[0] and "not image slices" in notes[0]
 
 
 def test_missing_slice_is_reported_with_the_files_around_it(tmp_path):
@@ -110,15 +170,16 @@ def test_mask_geometry_checks():
     image.SetSpacing([2.0, 2.0, 4.0])
     mask = sitk.Image([20, 20, 10], sitk.sitkUInt8)
     mask.CopyInformation(image)
-    assert _reason(lambda: check_mask(mask, "mask", "m.nii.gz")).reason == "empty_mask"
+    labels = MaskLabels()
+    assert _reason(lambda: binary_tumour(mask, labels, "mask", "m.nii.gz")).reason == "empty_mask"
     mask[10, 10, 5] = 1
-    check_mask(mask, "mask", "m.nii.gz")
-    check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz")
-    finer = sitk.Resample(mask, [40, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
+    binary = binary_tumour(mask, labels, "mask", "m.nii.gz")
+    assert check_tumour_inside(binary, image, "image_pre", "pre.nii.gz", "m.nii.gz") is None
+    finer = sitk.Resample(binary, [40, 40, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
                           [1.0, 1.0, 2.0], image.GetDirection())
-    check_overlap(finer, image, "image_pre", "pre.nii.gz", "m.nii.gz")  # another grid, same place: fine
-    mask.SetOrigin([500.0, 0.0, 0.0])  # e.g. another patient's mask, or a lost origin
-    err = _reason(lambda: check_overlap(mask, image, "image_pre", "pre.nii.gz", "m.nii.gz"))
+    assert check_tumour_inside(finer, image, "image_pre", "pre.nii.gz", "m.nii.gz") is None  # another grid: fine
+    binary.SetOrigin([500.0, 0.0, 0.0])  # e.g. another patient's mask, or a lost origin
+    err = _reason(lambda: check_tumour_inside(binary, image, "image_pre", "pre.nii.gz", "m.nii.gz"))
     assert err.reason == "mask_outside_image" and "pre.nii.gz" in str(err) and "m.nii.gz" in str(err)
 
 

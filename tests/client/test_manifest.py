@@ -102,3 +102,12 @@ def test_lenient_mode_excludes_bad_rows_with_reasons(tiny_cohort, tmp_path):
     kept = set(table["patient_id"]) - {table.loc[r, "patient_id"] for r in (0, 1, 3)}
     assert set(manifest.patient_ids) == kept and len(manifest.mask_paths) == len(kept)
     assert all(len(paths) == len(kept) for paths in manifest.image_paths.values())
+
+
+def test_clinical_only_reading_needs_no_image_column(tiny_cohort, tmp_path):
+    config = _copy_site(tiny_cohort, tmp_path)
+    table = _edit(config, lambda t: t.drop(columns=["mask", "image_pre"], inplace=True))
+    with pytest.raises(ManifestError, match="missing column 'image_pre'"):
+        read_manifest(config)
+    manifest = read_manifest(config, images=False)
+    assert manifest.patient_ids == list(table["patient_id"]) and manifest.mask_paths == []

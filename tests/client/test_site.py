@@ -5,7 +5,7 @@ import uuid
 import numpy as np
 import pytest
 
-import hccfed.client.prepare as prepare_module
+import hccfed.client.site_validation as site_validation
 import hccfed.client.site as site_module
 from hccfed.client.site import NODE_SITES, Site, builds_of
 from hccfed.common.run_config import RunConfig
@@ -27,7 +27,7 @@ def test_a_site_is_prepared_once_per_run_and_a_new_process_loads_it(tiny_cohort,
     assert rows_name.startswith("classical-")
     # What a fresh ClientApp process of the same run does: it finds the snapshot, prepares nothing.
     monkeypatch.setattr(site_module, "prepare_site", _refuse)
-    monkeypatch.setattr(prepare_module, "read_manifest", _refuse)
+    monkeypatch.setattr(site_validation, "read_manifest", _refuse)  # prepare_site reads it through screen_site
     again = Site.for_run(yaml, run, key, workers=1)
     assert again.snapshot_dir == first.snapshot_dir
     np.testing.assert_array_equal(again.prepared.images, prepared.images)
