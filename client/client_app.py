@@ -7,6 +7,9 @@ plain function with it.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -14,16 +17,21 @@ from flwr.clientapp import ClientApp
 from hccfed.client.evaluation import CLINICAL_PREFIX
 from hccfed.client.federated import evaluate_round, train_round
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
-from hccfed.client.site import NODE_SITES, Site
+from hccfed.client.site import NODE_SITES, Site, site_plan_problems
+from hccfed.common.plan import PLAN_RECORD, FederationPlan
 from hccfed.common.record_codec import flatten, unflatten
 from hccfed.common.run_config import RunConfig
+
+log = logging.getLogger("hccfed.site")
 
 app = ClientApp()
 
 
-def _site(context: Context) -> tuple[Site, RunConfig]:
+def _site(context: Context, config: ConfigRecord | None = None) -> tuple[Site, RunConfig]:
+    """This node's Site for the run, prepared by the federation plan the message carries (if any)."""
     run_config = RunConfig.from_mapping(context.run_config)
-    return NODE_SITES.for_node(run_config, context.node_config, str(context.run_id)), run_config
+    plan = FederationPlan.from_json(str(config["plan"])) if config is not None and "plan" in config else None
+    return NODE_SITES.for_node(run_config, context.node_config, str(context.run_id), plan), run_config
 
 
 @app.train()
@@ -34,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     """
     if is_secagg_message(msg):
         return secagg_app(msg, context)
-    site, run_config = _site(context)
+    site, run_config = _site(context, msg.content["config"])
     state, metrics = train_round(site, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]),
                                  run_config)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
@@ -45,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model; reply with counts and fixed-size histograms only."""
-    site, run_config = _site(context)
+    site, run_config = _site(context, msg.content["config"])
     metrics, summary = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(),
                                       dict(msg.content["config"]), run_config)
     records = {"summary": {k: v for k, v in summary.items() if not k.startswith(CLINICAL_PREFIX)},
@@ -63,6 +71,8 @@ def query(msg: Message, context: Context) -> Message:
     The site's rows for the classical models (clinical vector + radiomics, train / test split) come
     from its Site, built on the run's first request; the reply's arrays never have a patient axis.
     """
+    if PLAN_RECORD in msg.content:
+        return _plan_step(msg, context)
     site, _ = _site(context)
     setup = msg.content["setup"]
     endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]))
@@ -70,4 +80,20 @@ def query(msg: Message, context: Context) -> Message:
     arrays, config = flatten(endpoint.handle(request))
     content = RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
                           "config": ConfigRecord(config), "site": ConfigRecord({"site-id": site.site_id})})
+    return Message(content=content, reply_to=msg)
+
+
+def _plan_step(msg: Message, context: Context) -> Message:
+    """The run's first messages (server/plan_step.py): this site's fingerprint, then whether it can
+    prepare by the server's plan (and why not)."""
+    site, _ = _site(context)
+    step = msg.content[PLAN_RECORD]
+    if step["step"] == "fingerprint":
+        answer = {"fingerprint": json.dumps(site.fingerprint())}
+    else:
+        problems = site_plan_problems(site.config, FederationPlan.from_json(str(step["plan"])))
+        for problem in problems:
+            log.warning("refusing the federation plan: %s", problem)
+        answer = {"accepted": not problems, "problems": json.dumps(problems)}
+    content = RecordDict({PLAN_RECORD: ConfigRecord(answer), "site": ConfigRecord({"site-id": site.site_id})})
     return Message(content=content, reply_to=msg)

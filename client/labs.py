@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hccfed.common.site_config import SiteConfig
-from hccfed.common.schema import HEPATITIS_TYPES, LAB_CATEGORY_CODES, LABS, clinical_feature_names, to_canonical
+from hccfed.common.schema import HEPATITIS_TYPES, LAB_CATEGORY_CODES, LABS, to_canonical
 
 
 class LabError(ValueError):

@@ -79,7 +79,7 @@ class PreparedSite:
         return len(self.patient_ids)
 
 
-def _largest_tumour(mask: sitk.Image) -> tuple[tuple[float, ...], np.ndarray]:
+def largest_tumour(mask: sitk.Image) -> tuple[tuple[float, ...], np.ndarray]:
     """Physical centre (mm) and axis-aligned physical extent (mm) of the largest connected tumour."""
     components = sitk.ConnectedComponent(mask > 0)
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -152,7 +152,7 @@ def _cube(job: PatientJob, fixed_mask: sitk.Image, images: dict[str, sitk.Image]
     prep = job.prep
     if prep.n4_bias_correction:
         images = {phase: n4_correct(image) for phase, image in images.items()}
-    centre, extent = _largest_tumour(fixed_mask)
+    centre, extent = largest_tumour(fixed_mask)
     reference = _crop_reference(centre, prep, extent)
     spacing = reference.GetSpacing()[0]
     mask_cube = sitk.Resample(fixed_mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

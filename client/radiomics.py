@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor

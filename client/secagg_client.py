@@ -25,6 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from hccfed.client.federated import train_round
 from hccfed.client.site import NODE_SITES
+from hccfed.common.plan import FederationPlan
 from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
@@ -52,7 +53,8 @@ class SecAggSiteClient(NumPyClient):
         if len(keys) != len(parameters):
             raise ValueError(f"received {len(parameters)} arrays, the model has {len(keys)}")
         state = OrderedDict((k, torch.from_numpy(np.array(p))) for k, p in zip(keys, parameters))
-        site = NODE_SITES.for_node(self.run_config, self.context.node_config, str(self.context.run_id))
+        plan = FederationPlan.from_json(str(config["plan"])) if "plan" in config else None
+        site = NODE_SITES.for_node(self.run_config, self.context.node_config, str(self.context.run_id), plan)
         new_state, metrics = train_round(site, state, config, self.run_config)
         return [v.numpy() for v in new_state.values()], int(metrics["num-examples"]), dict(metrics)
 

@@ -18,6 +18,7 @@ in ``<snapshot_dir>/builds.jsonl`` (tests count them).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -33,8 +34,9 @@ import numpy as np
 
 from hccfed.client.prepare import PreparedSite, prepare_site
 from hccfed.client.site_data import ALL, SPLITS, SplitData, site_split, split_indices
-from hccfed.common.atomic_io import atomic_savez, atomic_write_text
+from hccfed.common.atomic_io import atomic_savez
 from hccfed.common.errors import ConfigError
+from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
 from hccfed.common.site_config import SiteConfig, load_site_config
@@ -72,8 +74,15 @@ class Site:
 
     def __init__(self, config: SiteConfig, seed: int = 0, *, radiomics_features: Sequence[str] = (),
                  radiomics_params: str = "fast", workers: int | None = None, progress: bool = False,
-                 snapshot_dir: Path | None = None):
+                 snapshot_dir: Path | None = None, plan: FederationPlan | None = None):
+        if plan is not None:
+            problems = site_plan_problems(config, plan)
+            if problems:
+                raise PlanError("; ".join(problems))
+            config = dataclasses.replace(config, preprocessing=dataclasses.replace(config.preprocessing,
+                                                                                   **plan.preprocessing()))
         self.config = config
+        self.plan = plan
         self.seed = int(seed)
         self.radiomics_features = tuple(radiomics_features)
         self.radiomics_params = radiomics_params
@@ -85,20 +94,32 @@ class Site:
         self._lock_depth = 0
 
     @classmethod
-    def for_run(cls, site_yaml: str | Path, run_config: RunConfig, run_key: str, **kwargs: Any) -> "Site":
+    def for_run(cls, site_yaml: str | Path, run_config: RunConfig, run_key: str,
+                plan: FederationPlan | None = None, **kwargs: Any) -> "Site":
         """The site of a federated run, its snapshot under ``<cache_dir>/runs/<key>``, where the key
-        hashes the Flower run (``run_key``), the YAML's content and what the run asks of the site."""
+        hashes the Flower run (``run_key``), the YAML's content and what the run asks of the site
+        (its seed, radiomics and federation plan)."""
         config = load_site_config(site_yaml)
         text = Path(site_yaml).read_text()
         key = derive_seed(SNAPSHOT_VERSION, run_key, text, run_config.seed, ",".join(run_config.radiomics_features),
-                          run_config.radiomics_params)
+                          run_config.radiomics_params, plan.to_json() if plan is not None else "")
         return cls(config, run_config.seed, radiomics_features=run_config.radiomics_features,
                    radiomics_params=run_config.radiomics_params,
-                   snapshot_dir=config.cache_dir / "runs" / f"{key:016x}", **kwargs)
+                   snapshot_dir=config.cache_dir / "runs" / f"{key:016x}", plan=plan, **kwargs)
 
     @property
     def site_id(self) -> str:
         return self.config.site_id
+
+    # ------------------------------------------------------------------ the federation plan
+    def fingerprint(self) -> dict[str, Any]:
+        """The aggregates the server plans from (``hccfed.client.fingerprint``), computed once per run."""
+        def build() -> dict[str, Any]:
+            from hccfed.client.fingerprint import site_fingerprint
+
+            return site_fingerprint(self.config, self.workers, self.progress)
+        return self._kept("fingerprint", build, lambda v: {"json": np.array(json.dumps(v))},
+                          lambda a: json.loads(str(a["json"])))
 
     # ------------------------------------------------------------------ patients
     @cached_property
@@ -129,6 +150,7 @@ class Site:
         extracted is shared, not done again (in-process use: the simulation's references)."""
         other = Site(self.config, self.seed, radiomics_features=features, radiomics_params=params,
                      workers=self.workers, progress=self.progress, snapshot_dir=None)
+        other.plan = self.plan  # self.config already holds the plan's preprocessing
         for name in ("_base", "has_volumes", "tabular"):
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
@@ -257,13 +279,19 @@ class Site:
         started = time.time()
         value = build()
         seconds = time.time() - started
-        size = f"{len(value)} patients, " if hasattr(value, "__len__") else ""
+        size = f"{len(value.patient_ids)} patients, " if hasattr(value, "patient_ids") else ""
         log.info("site %s: built %s for the run (%s%.1f s)", self.site_id, name, size, seconds)
         if self.snapshot_dir is not None:
             record = {"what": name, "pid": os.getpid(), "seconds": round(seconds, 3), "at": time.time()}
             with open(self.snapshot_dir / "builds.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         return value
+
+
+def site_plan_problems(config: SiteConfig, plan: FederationPlan) -> list[str]:
+    """Why this site cannot prepare by ``plan`` (empty: it can): a planned key its YAML sets otherwise."""
+    explicit = {k: getattr(config.preprocessing, k) for k in config.preprocessing_set}
+    return plan_problems(config.site_id, explicit, plan)
 
 
 def builds_of(snapshot_dir: Path) -> list[dict[str, Any]]:
@@ -353,8 +381,9 @@ class SiteCache:
     def __init__(self) -> None:
         self._sites: dict[Path, Site] = {}
 
-    def for_node(self, run_config: RunConfig, node_config: Mapping[str, Any], run_key: str) -> Site:
-        site = Site.for_run(site_config_path(run_config, node_config), run_config, str(run_key), workers=1)
+    def for_node(self, run_config: RunConfig, node_config: Mapping[str, Any], run_key: str,
+                 plan: FederationPlan | None = None) -> Site:
+        site = Site.for_run(site_config_path(run_config, node_config), run_config, str(run_key), plan, workers=1)
         if site.snapshot_dir not in self._sites:
             if len(self._sites) >= 16:
                 self._sites.pop(next(iter(self._sites)))

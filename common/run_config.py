@@ -23,6 +23,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AUGMENTATIONS = ("flip-shift", "affine", "none")
 JOBS = ("train", "stats", "stats-combat")
 RADIOMICS_PARAMS = ("fast", "full")  # or a path to a pyradiomics parameter file
+NORMALISATIONS = ("zscore_ring", "zscore_box")
 
 
 def option(default: Any, help: str, *, group: str = "run", choices: tuple | None = None,
@@ -100,6 +101,14 @@ class RunConfig:
         "standardised against each site's own patients", group="model", cli=False)
     radiomics_params: str = option("fast", "pyradiomics parameter file: fast, full or a path",
                                    group="model", cli=False)
+    # The federation plan (hccfed.common.plan): what every site prepares alike, sent by the server.
+    crop_voxels: int = option(32, "voxels along each edge of the tumour-centred crop (the model's input size)",
+                              group="plan", minimum=8)
+    spacing_mm: float = option(3.0, "the crop's voxel size in mm; 0: derived from the sites' fingerprints (the "
+                               "crop covers the largest tumours with the ring)", group="plan", minimum=0.0)
+    normalisation: str = option("zscore_ring", "each phase z-scored against the peritumoral ring (liver) or the "
+                                "whole crop", group="plan", choices=NORMALISATIONS)
+    ring_mm: float = option(10.0, "width of the peritumoral ring (mm)", group="plan", positive=True)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -168,7 +177,8 @@ def _parse_bool(key: str, value: Any) -> bool:
 
 
 # ------------------------------------------------------------------ command line, derived from the fields
-GROUP_TITLES = {"run": "run", "model": "model", "federation": "federation", "privacy": "privacy"}
+GROUP_TITLES = {"run": "run", "model": "model", "federation": "federation", "privacy": "privacy",
+                "plan": "federation plan (what every site prepares alike)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type = RunConfig, exclude: tuple[str, ...] = ()) -> None:

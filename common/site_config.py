@@ -16,13 +16,14 @@ from typing import Any, Mapping
 import yaml
 
 from hccfed.common.errors import ConfigError
+from hccfed.common.plan import PLANNED_KEYS
+from hccfed.common.run_config import NORMALISATIONS
 from hccfed.common.schema import LABS, PHASES, image_column
 
 #: A site id becomes part of folder and file names: letters, digits, "_" and "-".
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 TREATMENTS = ("resection", "ablation", "transplant")
-NORMALISATIONS = ("zscore_ring", "zscore_box")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class SiteConfig:
     #: further folders (besides data_root) that manifest paths may point into; resolved, absolute
     allowed_roots: tuple[Path, ...] = ()
     manifest_encoding: str = "utf-8"
+    #: the preprocessing keys the YAML sets itself (the federation plan sets the others of PLANNED_KEYS)
+    preprocessing_set: tuple[str, ...] = ()
 
     @property
     def input_roots(self) -> tuple[Path, ...]:
@@ -320,6 +323,7 @@ def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
         treatment=treatment,
         cache_dir=cache_dir,
         preprocessing=_parse_preprocessing(raw.get("preprocessing", {}) or {}, where),
+        preprocessing_set=tuple(sorted(raw.get("preprocessing", {}) or {})),
         source=source.resolve(),
         mask_labels=_parse_mask_labels(raw.get("mask_labels"), where),
         allowed_roots=allowed,
@@ -380,7 +384,8 @@ def site_config_to_yaml(config: SiteConfig) -> str:
         "mask_labels": {"tumour": list(config.mask_labels.tumour), "ignore": list(config.mask_labels.ignore)},
         "treatment": config.treatment,
         "cache_dir": str(config.cache_dir),
-        "preprocessing": {f.name: getattr(config.preprocessing, f.name) for f in fields(Preprocessing)},
+        "preprocessing": {f.name: getattr(config.preprocessing, f.name) for f in fields(Preprocessing)
+                          if f.name not in PLANNED_KEYS or f.name in config.preprocessing_set},
         "labs": {k: {"unit": v.unit, "lower": v.lower, "upper": v.upper} for k, v in config.labs.items()},
     }
     return yaml.safe_dump(raw, sort_keys=False)

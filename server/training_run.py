@@ -31,6 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from hccfed.common.atomic_io import atomic_write_text
 from hccfed.common.errors import ConfigError
 from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
@@ -38,6 +39,7 @@ from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.audit import AuditingGrid
 from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
 from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
+from hccfed.server.plan_step import agree_plan
 from hccfed.server.secagg import SecureAggregator
 from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from hccfed.server.update_validation import reply_site_id, validate_train_replies
@@ -154,6 +156,9 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     grid = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
     n_sites = max(1, len(config.site_configs))
+    plan, fingerprints = agree_plan(grid, config, n_sites)  # before anything is trained: every site accepts
+    atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
+                                                         "fingerprints": fingerprints}, indent=2))
     model = model_from_run_config(config, len(IMAGE_CHANNELS), len(clinical_feature_names()))
     evaluation = PooledEvaluation()
     strategy = make_strategy(config, n_sites, evaluation)
@@ -168,7 +173,8 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
         progress = RunProgress(**checkpoint["progress"])
         evaluation.history = list(progress.validation_history)
         LOG.info("resuming %s after round %d", run_dir, checkpoint["round"])
-    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token})
+    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
+                                 "plan": plan.to_json()})
     aggregator = SecureAggregator(n_sites) if config.secagg else None
     if aggregator is not None and config.strategy == "fedprox":
         train_config["proximal-mu"] = config.proximal_mu  # FedProx's configure_train is bypassed
@@ -184,7 +190,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
             progress.train_history[server_round] = dict(train_metrics)
         evaluate_round_on_sites(strategy, grid, server_round, arrays,
                                 ConfigRecord({"split": "val", "run-token": progress.run_token,
-                                              "model-round": server_round}))
+                                              "model-round": server_round, "plan": plan.to_json()}))
         progress.validation_history = list(evaluation.history)
         progress.update_best(server_round, evaluation.history[-1].get("auc", np.nan) if evaluation.history
                              else np.nan)
@@ -195,7 +201,8 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     test_round = config.num_server_rounds + 1
     replies = grid.send_and_receive(messages=strategy.configure_evaluate(
         test_round, selected, ConfigRecord({"split": "test", "run-token": progress.run_token,
-                                            "model-round": progress.best_round, "figures": "clinical"}), grid))
+                                            "model-round": progress.best_round, "figures": "clinical",
+                                            "plan": plan.to_json()}), grid))
     strategy.aggregate_evaluate(test_round, replies)
     test_figures = evaluation.history.pop()
     contents = evaluation.last_contents
@@ -204,6 +211,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     torch.save(selected.to_torch_state_dict(), run_dir / "global_model.pt")
     out = {
         "run_config": config.to_flwr(),
+        "plan": json.loads(plan.to_json()),
         "rounds": config.num_server_rounds,
         "selected_round": progress.best_round,
         "seconds": time.time() - started,

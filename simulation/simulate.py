@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hccfed.client.site import Site
+from hccfed.common.plan import derive_plan
 from hccfed.common.run_config import RunConfig
 from hccfed.common.site_config import load_site_config
 from hccfed.server.report import write_report
@@ -34,6 +35,23 @@ from hccfed.simulation.references import clinical_logistic_regression, train_ref
 from hccfed.simulation.settings import SimulationSettings, effective_site_configs, ensure_cohort
 
 log = logging.getLogger("hccfed.simulate")
+
+
+def plan_sites(settings: SimulationSettings, site_paths: list[Path]) -> list[Site]:
+    """Each hospital's Site, prepared by the federation plan the server would make from the training
+    hospitals' fingerprints (the Flower run's ServerApp derives the same plan from the same fingerprints)."""
+    configs = [load_site_config(path) for path in site_paths]
+    fingerprints = {c.site_id: Site(c, settings.seed, workers=settings.workers, progress=True).fingerprint()
+                    for c in configs if c.site_id != settings.external}
+    plan = derive_plan(fingerprints, settings.run)
+    log.info("federation plan: %g mm voxels, %d-voxel crop, %s normalisation%s", plan.spacing_mm,
+             plan.crop_voxels, plan.normalisation, "".join(f"; {n}" for n in plan.notes))
+    sites = []
+    for config in configs:
+        t0 = time.time()
+        sites.append(Site(config, settings.seed, workers=settings.workers, progress=True, plan=plan))
+        log.info("prepared %s: %d patients (%.1f s)", config.site_id, len(sites[-1].prepared), time.time() - t0)
+    return sites
 
 
 def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
@@ -53,11 +71,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_cohort(settings)
     site_paths = effective_site_configs(settings, run_dir)
-    sites = []
-    for path in site_paths:
-        t0 = time.time()
-        sites.append(Site(load_site_config(path), settings.seed, workers=settings.workers, progress=True))
-        log.info("prepared %s: %d patients (%.1f s)", sites[-1].site_id, len(sites[-1].prepared), time.time() - t0)
+    sites = plan_sites(settings, site_paths)
     train_paths = [path for site, path in zip(sites, site_paths) if site.site_id != settings.external]
     train_sites = [site for site in sites if site.site_id != settings.external]
     sets = evaluation_sets(sites, settings.external)
@@ -121,6 +135,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()
                         if k not in ("sites", "run")}, "run": settings.run.to_flwr()},
         "evaluation": evaluation,
+        "plan": json.loads(sites[0].plan.to_json()),
         "sites": {s.site_id: {"patients": len(s), "role": "external test" if s.site_id == settings.external
                               else "training", **{split: int(len(s.split_indices[split]))
                                                   for split in ("train", "val", "test")}} for s in sites},

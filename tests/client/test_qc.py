@@ -175,7 +175,7 @@ def test_a_bad_config_still_stops_with_a_config_error(tmp_path):
     assert load_site_config(configs / "template.yaml").preprocessing.register  # the template is valid
     path = tmp_path / "site.yaml"
     text = (configs / "hospital_a.yaml").read_text()
-    path.write_text(text.replace("  crop_voxels: 32", "  crop_voxels: 32\n  register: maybe"))
+    path.write_text(text.replace("labs:", "preprocessing:\n  register: maybe\nlabs:", 1))
     with pytest.raises(ConfigError, match=r"site.yaml: key 'preprocessing.register' must be bool"):
         load_site_config(path)
     path.write_text(text.replace("unit: g/L", "unit: g/l"))

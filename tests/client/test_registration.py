@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 import hccfed.simulation.phantom as phantom
-from hccfed.client.prepare import PatientJob, n4_correct, prepare_patient
+from hccfed.client.prepare import n4_correct, prepare_patient
 from hccfed.client.qc import PatientQCError
 from hccfed.client.registration import register_rigid
 from hccfed.common.site_config import Preprocessing

@@ -9,7 +9,6 @@ import hccfed.client.site_validation as site_validation
 import hccfed.client.site as site_module
 from hccfed.client.site import NODE_SITES, Site, builds_of
 from hccfed.common.run_config import RunConfig
-from hccfed.common.site_config import load_site_config
 
 
 def _refuse(*args, **kwargs):

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array
 
 from hccfed.client.client_app import app as client_app
 from hccfed.common.errors import ConfigError
@@ -97,3 +97,35 @@ def test_resumed_run_ends_with_the_same_weights(tiny_cohort, tmp_path, in_proces
     a_out = json.loads((tmp_path / "straight" / "federated.json").read_text())
     assert a_out["validation_history"] == out["validation_history"]
     assert a_out["selected_round"] == out["selected_round"]
+
+
+def test_the_plan_comes_from_the_sites_fingerprints_and_a_refusing_site_stops_the_run(
+        tiny_cohort, tmp_path, in_process_grid):
+    import yaml
+
+    from hccfed.common.plan import PlanError
+
+    config = _run_config(tiny_cohort, tmp_path / "plan")
+    out = run_federated_training(_grid(in_process_grid, tiny_cohort, config), config)
+    written = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert out["plan"] == written["plan"] and written["plan"]["crop_voxels"] == 32
+    assert set(written["fingerprints"]) == {"hospital_a", "hospital_b", "hospital_c"}
+    for site, fingerprint in written["fingerprints"].items():  # aggregates only; percentiles from 10 patients
+        assert fingerprint["n_usable"] > 0
+        assert ("tumour_extent_mm" in fingerprint) == (fingerprint["n_usable"] >= 10), site
+        keys = set(fingerprint) | {k for v in fingerprint.values() if isinstance(v, dict) for k in v} | {
+            k for v in fingerprint.values() if isinstance(v, dict) for w in v.values() if isinstance(w, dict) for k in w}
+        assert not keys & {"max", "min", "patient_id", "patient_ids"}, site
+
+    # hospital_b's YAML fixes its own crop: it says why, and nothing is trained.
+    raw = yaml.safe_load(tiny_cohort[1][1].read_text())
+    raw["preprocessing"] = {**(raw.get("preprocessing") or {}), "crop_voxels": 48}
+    own = tmp_path / "hospital_b.yaml"
+    own.write_text(yaml.safe_dump(raw))
+    sites = (str(tiny_cohort[1][0]), str(own), str(tiny_cohort[1][2]))
+    refused = _run_config(tiny_cohort, tmp_path / "refused")
+    refused["site-configs"] = ",".join(sites)
+    grid = _grid(in_process_grid, tiny_cohort, refused)
+    with pytest.raises(PlanError, match=r"hospital_b: .*preprocessing.crop_voxels = 48.*32"):
+        run_federated_training(grid, refused)
+    assert not any(m.metadata.message_type == "train" for m in grid.sent)

@@ -85,15 +85,18 @@ def test_report_holds_every_model_with_real_figures(finished_run, tiny_site_prof
 @pytest.mark.slow
 def test_each_site_is_prepared_once_per_federated_run(finished_run, tiny_site_profiles):
     """Every message of a Flower run (rounds x train / evaluate, any Ray worker) uses the site its first
-    message prepared: one build per site per run, recorded in the site's own run snapshot."""
+    message prepared: one fingerprint (the plan step) and one preparation per site per run, recorded in
+    the site's own run snapshots."""
     metrics = json.loads((finished_run / "metrics.json").read_text())
     flower_runs = [m for m in metrics["models"] if m.startswith("federated")]
+    assert len(flower_runs) == 2
     cache = finished_run.parent.parent / "cache"
     for profile in tiny_site_profiles:
-        runs = sorted((cache / profile.site_id / "runs").iterdir())
-        assert len(runs) == len(flower_runs) == 2, profile.site_id
-        for run in runs:
-            assert [b["what"] for b in builds_of(run)] == ["prepared"], (profile.site_id, run.name)
+        builds = [b["what"] for run in (cache / profile.site_id / "runs").iterdir() for b in builds_of(run)]
+        assert sorted(builds) == sorted(["fingerprint", "prepared"] * len(flower_runs)), profile.site_id
+    # the ServerApp planned from the sites' fingerprints exactly what the simulation's references used
+    federated = json.loads((finished_run / "federated" / "federated.json").read_text())
+    assert federated["plan"] == metrics["plan"] and metrics["plan"]["crop_voxels"] == 32
 
 
 @pytest.mark.slow
