@@ -28,6 +28,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from hccfed.common.schema import PHASES
+from hccfed.simulation.phantom_shapes import (Blob, Grid, paint_phases, ramp_fraction, random_rotation, smooth_field,
+                                              tube_fraction)
 
 #: Intensity per phase (pre, arterial, portal, delayed) of each tissue, pre-contrast liver = 1.
 TISSUE: dict[str, tuple[float, float, float, float]] = {
@@ -101,140 +103,11 @@ class RenderedPatient:
     motion: dict[str, tuple[float, float]]
 
 
-class _Grid:
-    """Voxel-centre coordinates (mm) of the volume; index order (z, y, x)."""
-
-    def __init__(self, scanner: Scanner, origin: np.ndarray):
-        self.shape = scanner.shape_zyx
-        self.spacing = np.asarray(scanner.spacing_mm, dtype=float)  # x, y, z
-        self.origin = origin  # x, y, z
-        nz, ny, nx = self.shape
-        self.axes = [(origin[i] + self.spacing[i] * np.arange(n)).astype(np.float32)
-                     for i, n in enumerate((nx, ny, nz))]
-
-    def box(self, centre: np.ndarray, half: np.ndarray):
-        """Slices (z, y, x) of the voxels within centre +- half, and their coordinates (x, y, z)
-        as broadcastable arrays; None when the box misses the volume."""
-        slices, coords = [], []
-        for axis in range(3):
-            grid = self.axes[axis]
-            lo = int(np.searchsorted(grid, centre[axis] - half[axis]))
-            hi = int(np.searchsorted(grid, centre[axis] + half[axis], side="right"))
-            if hi <= lo:
-                return None
-            slices.append(slice(lo, hi))
-            coords.append(grid[lo:hi].astype(np.float32))
-        x = coords[0][None, None, :]
-        y = coords[1][None, :, None]
-        z = coords[2][:, None, None]
-        return (slices[2], slices[1], slices[0]), (x, y, z)
-
-
-def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """A random rotation matrix (x, y, z) about a random axis, angle up to max_deg."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(-max_deg, max_deg))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
-
-
-@dataclass
-class _Blob:
-    """A perturbed ellipsoid: boundary at normalised radius 1 + amp * p(u)."""
-
-    centre: np.ndarray
-    axes: np.ndarray
-    rotation: np.ndarray
-    amp: float
-    dirs: np.ndarray
-    freqs: np.ndarray
-    phis: np.ndarray
-
-    @classmethod
-    def random(cls, rng, centre, axes, amp, max_rot=180.0, n_terms=5, freq=(1.0, 2.5)):
-        return cls(np.asarray(centre, float), np.asarray(axes, float), _rotation(rng, max_rot), float(amp),
-                   rng.normal(size=(n_terms, 3)), rng.uniform(*freq, size=n_terms),
-                   rng.uniform(0, 2 * np.pi, size=n_terms))
-
-    @property
-    def half_extent(self) -> np.ndarray:
-        return np.full(3, self.axes.max() * (1 + 3 * self.amp) + 8.0)
-
-    def depth(self, x, y, z, spacing: np.ndarray):
-        """(signed depth inside the surface in mm, partial-volume ramp width in mm)."""
-        c = [np.float32(v) for v in self.centre]
-        d = [x - c[0], y - c[1], z - c[2]]
-        rt = self.rotation.T.astype(np.float32)
-        q = [rt[i, 0] * d[0] + rt[i, 1] * d[1] + rt[i, 2] * d[2] for i in range(3)]
-        n = [q[i] / np.float32(self.axes[i]) for i in range(3)]
-        rho = np.sqrt(n[0] ** 2 + n[1] ** 2 + n[2] ** 2) + np.float32(1e-6)
-        dist = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2) + np.float32(1e-6)
-        pert = np.zeros_like(rho)
-        if self.amp > 0:
-            unit = self.dirs / np.linalg.norm(self.dirs, axis=1, keepdims=True)
-            for (vx, vy, vz), f, phi in zip(unit.astype(np.float32), self.freqs, self.phis):
-                proj = (n[0] * vx + n[1] * vy + n[2] * vz) / rho
-                pert += np.cos(np.float32(np.pi * f) * proj + np.float32(phi))
-            pert *= np.float32(self.amp * np.sqrt(2.0 / len(self.freqs)))
-        depth = dist / rho * (1 + pert) - dist
-        width = np.sqrt(sum((d[i] / dist * np.float32(spacing[i])) ** 2 for i in range(3)))
-        return depth, width
-
-
-def _fraction(depth, width):
-    return np.clip(0.5 + depth / np.maximum(width, 1e-3), 0.0, 1.0).astype(np.float32)
-
-
-def _tube(grid: _Grid, p0, p1, radius: float):
-    """Slices and partial-volume fraction of a straight tube of a given radius."""
-    p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
-    found = grid.box((p0 + p1) / 2, np.abs(p1 - p0) / 2 + radius + 6)
-    if found is None:
-        return None
-    sl, (x, y, z) = found
-    axis = p1 - p0
-    length2 = float(axis @ axis)
-    t = np.clip(((x - p0[0]) * axis[0] + (y - p0[1]) * axis[1] + (z - p0[2]) * axis[2]) / length2, 0, 1)
-    dist = np.sqrt((x - p0[0] - t * axis[0]) ** 2 + (y - p0[1] - t * axis[1]) ** 2 + (z - p0[2] - t * axis[2]) ** 2)
-    return sl, _fraction(radius - dist, np.float32(grid.spacing.mean()))
-
-
-def _paint(volume: np.ndarray, sl, fraction: np.ndarray, values) -> None:
-    """Alpha-composite ``values`` (4 phases, scalars or arrays) into ``volume[:, sl]``."""
-    region = volume[(slice(None),) + tuple(sl)]
-    for p in range(len(PHASES)):
-        region[p] += fraction * (np.float32(values[p]) - region[p])
-
-
-def _upsample_axis(array: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Linear interpolation of ``array`` to ``n`` samples spanning the same extent along ``axis``
-    (gathers, not BLAS: matrix products oversubscribe cores in worker processes)."""
-    m = array.shape[axis]
-    pos = np.linspace(0, m - 1, n)
-    i0 = np.minimum(pos.astype(int), m - 2)
-    shape = [1] * array.ndim
-    shape[axis] = n
-    w = (pos - i0).astype(np.float32).reshape(shape)
-    return np.take(array, i0, axis=axis) * (1 - w) + np.take(array, i0 + 1, axis=axis) * w
-
-
-def _smooth_field(rng: np.random.Generator, shape, spacing_zyx, corr_mm: float) -> np.ndarray:
-    """A zero-mean, unit-sd random field with correlation length ~corr_mm, computed at low
-    resolution (corr_mm / 2 per cell) and upsampled with separable linear interpolation."""
-    cells = [max(2, int(np.ceil(n * s / (corr_mm / 2))) + 1) for n, s in zip(shape, spacing_zyx)]
-    low = ndimage.gaussian_filter(rng.standard_normal(cells), 1.0, mode="wrap").astype(np.float32)
-    out = low
-    for axis in (2, 1, 0):
-        out = _upsample_axis(out, shape[axis], axis)
-    return ((out - out.mean()) / (out.std() + 1e-9)).astype(np.float32)
-
-
 def _tissue(name: str) -> list[np.float32]:
     return [np.float32(v) for v in TISSUE[name]]
 
 
-def _body(volume, grid: _Grid, rng, texture: np.ndarray):
+def _body(volume, grid: Grid, rng, texture: np.ndarray):
     """Body wall, viscera, spine, paraspinal muscles. Returns the body centre (cx, cy), the
     viscera's semi-axes (ax, ay), the spine's centre and the volume's top and bottom z (mm)."""
     cx, cy = rng.normal(0, 6), rng.normal(5, 6)
@@ -248,11 +121,11 @@ def _body(volume, grid: _Grid, rng, texture: np.ndarray):
     for name, inset in (("fat", 0.0), ("muscle", fat), ("viscera", fat + wall)):
         ex, ey = (ax - inset) / taper, (ay - inset) / taper
         rho = np.sqrt(((x - cx) / ex) ** 2 + ((y - cy) / ey) ** 2)
-        frac = _fraction((1 - rho) * np.minimum(ex, ey), np.float32(grid.spacing[:2].mean()))
+        frac = ramp_fraction((1 - rho) * np.minimum(ex, ey), np.float32(grid.spacing[:2].mean()))
         values = _tissue(name)
         if name == "viscera":  # bowel, stomach and mesentery: clutter
             values = [v * (1 + 0.18 * texture) for v in values]
-        _paint(volume, full, frac, values)
+        paint_phases(volume, full, frac, values)
     inner_ax, inner_ay = ax - fat - wall, ay - fat - wall
     spine = np.array([cx, cy + inner_ay - 30, 0.0])
     for side in (-1, 1):  # paraspinal muscles: elliptic cylinders
@@ -262,23 +135,23 @@ def _body(volume, grid: _Grid, rng, texture: np.ndarray):
         if found is not None:
             sl, (bx, by, _) = found
             rho = np.sqrt(((bx - np.float32(centre[0])) / ex) ** 2 + ((by - np.float32(centre[1])) / ey) ** 2)
-            frac = _fraction((1 - rho) * np.float32(min(ex, ey)), np.float32(grid.spacing[:2].mean()))
-            _paint(volume, sl, np.broadcast_to(frac, volume[0][sl].shape), _tissue("muscle"))
+            frac = ramp_fraction((1 - rho) * np.float32(min(ex, ey)), np.float32(grid.spacing[:2].mean()))
+            paint_phases(volume, sl, np.broadcast_to(frac, volume[0][sl].shape), _tissue("muscle"))
     top, bottom = grid.axes[2][-1] + 10, grid.axes[2][0] - 10
-    tube = _tube(grid, [spine[0], spine[1], bottom], [spine[0], spine[1], top], 17.0)
-    _paint(volume, tube[0], tube[1], _tissue("bone"))
+    tube = tube_fraction(grid, [spine[0], spine[1], bottom], [spine[0], spine[1], top], 17.0)
+    paint_phases(volume, tube[0], tube[1], _tissue("bone"))
     return cx, cy, inner_ax, inner_ay, spine, top, bottom
 
 
-def _paint_blob(volume, grid: _Grid, blob: _Blob, values) -> None:
+def _paint_blob(volume, grid: Grid, blob: Blob, values) -> None:
     """Paint a blob (nothing when it misses the volume)."""
     found = grid.box(blob.centre, blob.half_extent)
     if found is not None:
         sl, (x, y, z) = found
-        _paint(volume, sl, _fraction(*blob.depth(x, y, z, grid.spacing)), values)
+        paint_phases(volume, sl, ramp_fraction(*blob.depth(x, y, z, grid.spacing)), values)
 
 
-def _place_tumour(liver_depth: np.ndarray, liver_sl, grid: _Grid, radius: float, placed, rng) -> np.ndarray:
+def _place_tumour(liver_depth: np.ndarray, liver_sl, grid: Grid, radius: float, placed, rng) -> np.ndarray:
     """A centre (mm) inside the liver at least ``radius`` deep, away from tumours already placed."""
     zz, yy, xx = np.nonzero(liver_depth >= radius + 3.0)
     if len(zz) == 0:
@@ -301,8 +174,8 @@ def _liver(volume, grid, rng, cx, cy, iax, iay, spine, cirrhosis: float, min_sem
     zl = rng.uniform(0, 25)
     right_axes = np.array([0.56 * iax, 0.72 * iay, rng.uniform(68, 82)]) * shrink * rng.uniform(0.92, 1.08, 3)
     right_axes *= max(1.0, min_semi_axis / right_axes.min())  # a giant tumour enlarges the liver
-    right = _Blob.random(rng, [cx - 0.38 * iax, cy - 0.02 * iay, zl], right_axes, 0.05, max_rot=10)
-    left = _Blob.random(rng, [cx + 0.05 * iax, cy - 0.50 * iay, zl + 18],
+    right = Blob.random(rng, [cx - 0.38 * iax, cy - 0.02 * iay, zl], right_axes, 0.05, max_rot=10)
+    left = Blob.random(rng, [cx + 0.05 * iax, cy - 0.50 * iay, zl + 18],
                         np.array([0.38 * iax, 0.28 * iay, 42]) * shrink, 0.06, max_rot=15)
     half = np.max(np.abs(np.stack([right.centre - right.half_extent, right.centre + right.half_extent,
                                    left.centre - left.half_extent, left.centre + left.half_extent])
@@ -313,15 +186,15 @@ def _liver(volume, grid, rng, cx, cy, iax, iay, spine, cirrhosis: float, min_sem
     # keep the liver inside the abdominal wall
     wall = (1 - np.sqrt(((x - cx) / iax) ** 2 + ((y - cy) / iay) ** 2)) * min(iax, iay) - 2.0
     depth = np.minimum(depth, wall)
-    frac = _fraction(depth, width)
+    frac = ramp_fraction(depth, width)
     gain = 1 + (0.02 + 0.03 / (1 + np.exp(-cirrhosis))) * texture[sl]  # nodular parenchyma
-    _paint(volume, sl, frac, [v * gain for v in _tissue("liver")])
+    paint_phases(volume, sl, frac, [v * gain for v in _tissue("liver")])
     liver_full = np.zeros(grid.shape, np.float32)
     liver_full[sl] = frac
     # IVC behind the liver, hepatic veins into it, portal vein from the hilum
     ivc_x, ivc_y = cx - 0.18 * iax, spine[1] - 32
-    tube = _tube(grid, [ivc_x, ivc_y, grid.axes[2][0] - 10], [ivc_x, ivc_y, grid.axes[2][-1] + 10], 10.0)
-    _paint(volume, tube[0], tube[1], _tissue("vein"))
+    tube = tube_fraction(grid, [ivc_x, ivc_y, grid.axes[2][0] - 10], [ivc_x, ivc_y, grid.axes[2][-1] + 10], 10.0)
+    paint_phases(volume, tube[0], tube[1], _tissue("vein"))
     dome = np.array([ivc_x, ivc_y - 5, zl + 0.55 * right_axes[2]])
     vessels = []
     for angle in np.deg2rad(rng.uniform(-15, 15, 3) + np.array([-150, -110, -60])):
@@ -334,10 +207,10 @@ def _liver(volume, grid, rng, cx, cy, iax, iay, spine, cirrhosis: float, min_sem
     vessels.append((branch, right.centre + rng.normal(0, 8, 3) + [-20, 0, 0], rng.uniform(4.0, 5.5), "portal"))
     vessels.append((branch, left.centre + rng.normal(0, 6, 3), rng.uniform(3.5, 5.0), "portal"))
     for p0, p1, radius, kind in vessels:
-        tube = _tube(grid, p0, p1, radius)
+        tube = tube_fraction(grid, p0, p1, radius)
         if tube is not None:
             vsl, vfrac = tube
-            _paint(volume, vsl, vfrac * np.maximum(liver_full[vsl], 0.6 if kind == "portal" else 0.0),
+            paint_phases(volume, vsl, vfrac * np.maximum(liver_full[vsl], 0.6 if kind == "portal" else 0.0),
                    _tissue(kind))
     return sl, frac, depth
 
@@ -345,31 +218,31 @@ def _liver(volume, grid, rng, cx, cy, iax, iay, spine, cirrhosis: float, min_sem
 def _tumour(volume, mask, grid, rng, spec: TumourSpec, centre) -> None:
     """Paint one tumour (capsule, body with texture, necrotic core) and mark it in ``mask``."""
     axes = spec.diameter_mm / 2 * np.array([1.0, rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0)])
-    body = _Blob.random(rng, centre, axes, spec.irregularity, freq=(1.5, 4.0), n_terms=6)
+    body = Blob.random(rng, centre, axes, spec.irregularity, freq=(1.5, 4.0), n_terms=6)
     found = grid.box(body.centre, body.half_extent + 4)
     if found is None:
         return
     sl, (x, y, z) = found
     depth, width = body.depth(x, y, z, grid.spacing)
     if spec.capsule:
-        rim = _fraction(depth + 2.5, width) * (1 - _fraction(depth, width))
-        _paint(volume, sl, rim, [f * v for f, v in zip((0.85, 1.0, 1.08, 1.22), TISSUE["liver"])])
-    frac = _fraction(depth, width)
+        rim = ramp_fraction(depth + 2.5, width) * (1 - ramp_fraction(depth, width))
+        paint_phases(volume, sl, rim, [f * v for f, v in zip((0.85, 1.0, 1.08, 1.22), TISSUE["liver"])])
+    frac = ramp_fraction(depth, width)
     spacing_zyx = grid.spacing[::-1]
     texture = ndimage.gaussian_filter(rng.standard_normal(frac.shape), np.clip(5.0 / spacing_zyx, 0.3, None))
     texture = (texture - texture.mean()) / (texture.std() + 1e-6)
     liver = TISSUE["liver"]
     ratios = (rng.uniform(0.75, 0.92), 1 + spec.arterial_enhancement, 1 - spec.washout, 1 - 1.3 * spec.washout)
     amps = (0.4 * spec.heterogeneity, spec.heterogeneity, spec.heterogeneity, 0.8 * spec.heterogeneity)
-    _paint(volume, sl, frac, [liver[p] * ratios[p] * np.maximum(1 + amps[p] * texture, 0.2) for p in range(4)])
+    paint_phases(volume, sl, frac, [liver[p] * ratios[p] * np.maximum(1 + amps[p] * texture, 0.2) for p in range(4)])
     mask[sl] |= frac >= 0.5
     if spec.necrosis_fraction > 0:
-        core = _Blob(body.centre, body.axes * spec.necrosis_fraction, body.rotation, 1.5 * spec.irregularity,
+        core = Blob(body.centre, body.axes * spec.necrosis_fraction, body.rotation, 1.5 * spec.irregularity,
                      body.dirs[::-1].copy(), body.freqs, body.phis)
-        _paint(volume, sl, _fraction(*core.depth(x, y, z, grid.spacing)), _tissue("necrosis"))
+        paint_phases(volume, sl, ramp_fraction(*core.depth(x, y, z, grid.spacing)), _tissue("necrosis"))
 
 
-def _motion(volume: np.ndarray, grid: _Grid, rng, scanner: Scanner) -> dict[str, tuple[float, float]]:
+def _motion(volume: np.ndarray, grid: Grid, rng, scanner: Scanner) -> dict[str, tuple[float, float]]:
     """Move the patient by a small rigid transform in every phase but the portal one (in place).
 
     A point at x in the portal phase lies at R (x - c) + c + t in the moved phase
@@ -384,7 +257,7 @@ def _motion(volume: np.ndarray, grid: _Grid, rng, scanner: Scanner) -> dict[str,
     for p, phase in enumerate(PHASES):
         if p == PORTAL_INDEX:
             continue
-        rotation = _rotation(rng, scanner.max_rotation_deg)
+        rotation = random_rotation(rng, scanner.max_rotation_deg)
         direction = rng.normal(size=3) * [0.6, 0.6, 1.0]  # x, y, z: breathing is mostly craniocaudal
         shift = direction / np.linalg.norm(direction) * rng.uniform(0.25, 1.0) * scanner.max_shift_mm
         image = sitk.GetImageFromArray(volume[p])
@@ -402,7 +275,7 @@ def _motion(volume: np.ndarray, grid: _Grid, rng, scanner: Scanner) -> dict[str,
     return motion
 
 
-def _bias_field(grid: _Grid, rng, strength: float) -> np.ndarray:
+def _bias_field(grid: Grid, rng, strength: float) -> np.ndarray:
     """exp(strength * smooth quadratic) over the volume, one per patient, shared by the phases."""
     nz, ny, nx = grid.shape
     u = [np.linspace(-1, 1, n, dtype=np.float32) for n in (nx, ny, nz)]
@@ -424,21 +297,21 @@ def render_patient(tumours: tuple[TumourSpec, ...], cirrhosis: float, scanner: S
     spacing = np.asarray(scanner.spacing_mm, float)
     table = np.array([0.0, 0.0, rng.uniform(-12, 12)])
     origin = -(np.array([nx, ny, nz]) - 1) / 2 * spacing + table
-    grid = _Grid(scanner, origin)
+    grid = Grid(scanner, origin)
     volume = np.zeros((len(PHASES),) + grid.shape, np.float32)
-    texture = _smooth_field(rng, grid.shape, spacing[::-1], corr_mm=14.0)
+    texture = smooth_field(rng, grid.shape, spacing[::-1], corr_mm=14.0)
     cx, cy, iax, iay, spine, top, bottom = _body(volume, grid, rng, texture)
     # kidneys, spleen, aorta (painted before the liver, which may cover them)
     zk = rng.uniform(-75, -55)
     for side in (-1, 1):
-        kidney = _Blob.random(rng, [cx + side * 0.45 * iax, cy + 0.55 * iay, zk + side * 6],
+        kidney = Blob.random(rng, [cx + side * 0.45 * iax, cy + 0.55 * iay, zk + side * 6],
                               rng.uniform(0.9, 1.1) * np.array([28, 24, 52]), 0.04, max_rot=20)
         _paint_blob(volume, grid, kidney, _tissue("kidney"))
-    spleen = _Blob.random(rng, [cx + 0.62 * iax, cy + 0.35 * iay, rng.uniform(0, 25)],
+    spleen = Blob.random(rng, [cx + 0.62 * iax, cy + 0.35 * iay, rng.uniform(0, 25)],
                           rng.uniform(0.8, 1.15) * np.array([24, 42, 50]), 0.05, max_rot=30)
     _paint_blob(volume, grid, spleen, _tissue("spleen"))
-    aorta = _tube(grid, [cx + 18, spine[1] - 30, bottom], [cx + 18, spine[1] - 30, top], rng.uniform(9, 12))
-    _paint(volume, aorta[0], aorta[1], _tissue("aorta"))
+    aorta = tube_fraction(grid, [cx + 18, spine[1] - 30, bottom], [cx + 18, spine[1] - 30, top], rng.uniform(9, 12))
+    paint_phases(volume, aorta[0], aorta[1], _tissue("aorta"))
     radii = [t.diameter_mm / 2 * (1 + 2 * t.irregularity) for t in tumours]
     liver_sl, liver_frac, liver_depth = _liver(volume, grid, rng, cx, cy, iax, iay, spine, cirrhosis,
                                                max(radii) + 10.0, texture)
