@@ -161,38 +161,15 @@ def _add_minimum_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import json
-    from datetime import datetime
-
-    from hccfed.client.radiomics import extract_site
-    from hccfed.common.site_config import load_site_config
-    from hccfed.simulation.classical_models import flower_stats_run
     from hccfed.common.run_config import RunConfig
-    from hccfed.simulation.settings import SimulationSettings, effective_site_configs, ensure_cohort
+    from hccfed.simulation.classical_models import stats_demo
+    from hccfed.simulation.settings import SimulationSettings
 
-    say = logging.getLogger("hccfed.stats").info
     defaults = SimulationSettings()
     settings = SimulationSettings(data_dir=Path(args.data_dir) if args.data_dir else defaults.data_dir,
                                   runs_dir=Path(args.runs_dir) if args.runs_dir else defaults.runs_dir,
                                   run=RunConfig(seed=args.seed), workers=args.workers)
-    run_dir = settings.runs_dir / (args.run_id or f"stats-{datetime.now():%Y%m%d-%H%M%S}")
-    ensure_cohort(settings)
-    yamls = effective_site_configs(settings, run_dir)
-    for path in yamls:  # each hospital's radiomics, once, with all cores (the sites then read their cache)
-        config = load_site_config(path)
-        table = extract_site(config, "fast", workers=args.workers, progress=True)
-        say(f"{config.site_id}: radiomics of {len(table.patient_ids)} patients ({len(table.names)} features, "
-            f"fast parameter file), cached in {config.cache_dir / 'radiomics'}")
-    say(f"federated statistics over Flower: CR / R / RCR on {len(yamls)} sites"
-        f"{', radiomics harmonised by ComBat' if args.harmonize else ''} (log: {run_dir / 'flower.log'})")
-    out = flower_stats_run(yamls, run_dir, seed=args.seed, harmonize=args.harmonize,
-                           echo=lambda line: say("  " + line.split(":", 1)[-1].strip()))
-    result = json.loads(out.read_text())
-    say(f"{result['requests']} statistics requests in {result['seconds']:.0f} s")
-    for name, model in result["models"].items():
-        test = model["test"]
-        say(f"{name}: test AUC {test['auc']:.3f} ({test['auc_ci_lower']:.3f}-{test['auc_ci_upper']:.3f}), "
-            f"C-index {test['c_index']:.3f}; {len(model['features'])} features")
+    out = stats_demo(settings, harmonize=args.harmonize, run_id=args.run_id)
     print(f"results: {out}\nmessages audit: {out.parent / 'messages_audit.jsonl'}")
     return 0
 

@@ -369,6 +369,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return parse_site_config(raw, path)
 
 
+def relocated_site_config(source: str | Path | SiteConfig, data_root: Path, cache_dir: Path, out: Path) -> SiteConfig:
+    """A site's YAML pointed at another data folder (its manifest of the same name inside it) and cache,
+    written to ``out`` with absolute paths and loaded back (so it is checked as any site YAML is)."""
+    import dataclasses
+
+    config = source if isinstance(source, SiteConfig) else load_site_config(source)
+    data_root = Path(data_root).resolve()
+    config = dataclasses.replace(config, data_root=data_root, manifest=data_root / config.manifest.name,
+                                 cache_dir=Path(cache_dir).resolve())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(site_config_to_yaml(config))
+    return load_site_config(out)
+
+
 def site_config_to_yaml(config: SiteConfig) -> str:
     """Serialise a loaded config back to YAML, with absolute paths."""
     raw = {

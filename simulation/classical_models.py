@@ -143,6 +143,38 @@ def flower_stats_run(site_yamls: list, run_dir: Path, seed: int = 0, harmonize: 
     return out
 
 
+def stats_demo(settings, harmonize: bool = False, run_id: str | None = None) -> Path:
+    """`hccfed stats`: the synthetic hospitals (made when missing), each one's radiomics extracted once
+    with all cores, then the ServerApp's stats job over Flower; returns ``federated_stats.json``."""
+    import json
+    import logging
+    from datetime import datetime
+
+    from hccfed.client.radiomics import extract_site
+    from hccfed.simulation.settings import effective_site_configs, ensure_cohort
+
+    say = logging.getLogger("hccfed.stats").info
+    run_dir = settings.runs_dir / (run_id or f"stats-{datetime.now():%Y%m%d-%H%M%S}")
+    ensure_cohort(settings)
+    yamls = effective_site_configs(settings, run_dir)
+    for path in yamls:  # the sites then read their cache
+        config = load_site_config(path)
+        table = extract_site(config, "fast", workers=settings.workers, progress=True)
+        say("%s: radiomics of %d patients (%d features, fast parameter file), cached in %s", config.site_id,
+            len(table.patient_ids), len(table.names), config.cache_dir / "radiomics")
+    say("federated statistics over Flower: CR / R / RCR on %d sites%s (log: %s)", len(yamls),
+        ", radiomics harmonised by ComBat" if harmonize else "", run_dir / "flower.log")
+    out = flower_stats_run(yamls, run_dir, seed=settings.seed, harmonize=harmonize,
+                           echo=lambda line: say("  %s", line.split(":", 1)[-1].strip()))
+    result = json.loads(out.read_text())
+    say("%d statistics requests in %.0f s", result["requests"], result["seconds"])
+    for name, model in result["models"].items():
+        test = model["test"]
+        say("%s: test AUC %.3f (%.3f-%.3f), C-index %.3f; %d features", name, test["auc"], test["auc_ci_lower"],
+            test["auc_ci_upper"], test["c_index"], len(model["features"]))
+    return out
+
+
 if __name__ == "__main__":  # python -m hccfed.simulation.classical_models: the ComBat comparison on data/synthetic
     import json
 

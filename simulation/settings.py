@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from hccfed.common.run_config import RunConfig, option
-from hccfed.common.site_config import load_site_config, site_config_to_yaml
+from hccfed.common.site_config import relocated_site_config
 from hccfed.simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, synthesize_cohort
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,14 +62,5 @@ def ensure_cohort(settings: SimulationSettings) -> None:
 
 def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:
     """Each site's YAML with absolute paths into this cohort, written into the run folder."""
-    paths = []
-    for profile in settings.sites:
-        config = load_site_config(profile.config_path)
-        config = replace(config, data_root=(settings.data_dir / profile.site_id).resolve(),
-                         manifest=(settings.data_dir / profile.site_id / "manifest.csv").resolve(),
-                         cache_dir=(settings.cache_dir / profile.site_id).resolve())
-        path = run_dir / "sites" / f"{profile.site_id}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(site_config_to_yaml(config))
-        paths.append(path)
-    return paths
+    return [relocated_site_config(p.config_path, settings.data_dir / p.site_id, settings.cache_dir / p.site_id,
+                                  run_dir / "sites" / f"{p.site_id}.yaml").source for p in settings.sites]

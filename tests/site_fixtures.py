@@ -10,7 +10,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from hccfed.common.site_config import SiteConfig, load_site_config, site_config_to_yaml
+from hccfed.common.site_config import SiteConfig, load_site_config, relocated_site_config
 from hccfed.simulation.cohort import DEFAULT_SITES
 
 TINY_SIZES = {"hospital_a": 14, "hospital_b": 11, "hospital_c": 9}
@@ -22,26 +22,13 @@ def tiny_profiles():
 
 
 def write_site_yamls(data_dir: Path, cache_dir: Path, out_dir: Path, profiles) -> list[Path]:
-    paths = []
-    for profile in profiles:
-        config = load_site_config(profile.config_path)
-        config = dataclasses.replace(config, data_root=data_dir / profile.site_id,
-                                     manifest=data_dir / profile.site_id / "manifest.csv",
-                                     cache_dir=cache_dir / profile.site_id)
-        path = out_dir / f"{profile.site_id}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(site_config_to_yaml(config))
-        paths.append(path)
-    return paths
+    return [relocated_site_config(p.config_path, data_dir / p.site_id, cache_dir / p.site_id,
+                                  out_dir / f"{p.site_id}.yaml").source for p in profiles]
 
 
 def private_site_copy(site_yaml: Path, tmp_path: Path) -> SiteConfig:
     """A private copy of one tiny site (data and YAML) that a test may damage; its cache in tmp_path."""
     config = load_site_config(site_yaml)
-    root = tmp_path / "data" / config.site_id
-    shutil.copytree(config.data_root, root)
-    config = dataclasses.replace(config, data_root=root, manifest=root / "manifest.csv",
-                                 cache_dir=tmp_path / "cache")
-    path = tmp_path / "site.yaml"
-    path.write_text(site_config_to_yaml(config))
-    return load_site_config(path)
+    shutil.copytree(config.data_root, tmp_path / "data" / config.site_id)
+    return relocated_site_config(config, tmp_path / "data" / config.site_id, tmp_path / "cache",
+                                 tmp_path / "site.yaml")
