@@ -75,7 +75,8 @@ def query(msg: Message, context: Context) -> Message:
         return _plan_step(msg, context)
     site, _ = _site(context)
     setup = msg.content["setup"]
-    endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]))
+    reader = int(setup["second-reader"]) if "second-reader" in setup else None
+    endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]), reader)
     request = unflatten({k: v.numpy() for k, v in msg.content["arrays"].items()}, dict(msg.content["config"]))
     arrays, config = flatten(endpoint.handle(request))
     content = RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),

@@ -233,13 +233,14 @@ class Site:
             self._classical[key] = self._kept(name, build, _dataclass_to_arrays, _classical_from_arrays)
         return self._classical[key]
 
-    def stats_endpoint(self, n_folds: int, params: str | None):
+    def stats_endpoint(self, n_folds: int, params: str | None, second_reader_seed: int | None = None):
         """The site's endpoint for the federated statistics over :meth:`classical` rows (kept per setup)."""
         from hccfed.client.classical_site import ClassicalStatsSite
 
-        key = ("endpoint", int(n_folds), params)
+        key = ("endpoint", int(n_folds), params, second_reader_seed)
         if key not in self._classical:
-            self._classical[key] = ClassicalStatsSite(self.classical(params), int(n_folds), self.seed)
+            self._classical[key] = ClassicalStatsSite(self.classical(params, second_reader_seed), int(n_folds),
+                                                      self.seed)
         return self._classical[key]
 
     # ------------------------------------------------------------------ the run's snapshot

@@ -21,6 +21,7 @@ from hccfed.client.classical_site import ClassicalSite, local_endpoints, score_m
 from hccfed.client.site import Site
 from hccfed.client.stats_site import local_send
 from hccfed.common.site_config import SiteConfig, load_site_config
+from hccfed.common.stats.icc import PERTURBED_READER_SEED
 from hccfed.server import classical_models as cm
 
 __all__ = ["ClassicalSite", "LinearModel", "run_classical_models",
@@ -29,7 +30,7 @@ __all__ = ["ClassicalSite", "LinearModel", "run_classical_models",
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The demo's simulated second reader (perturbed masks, for the ICC filter): a fixed reader, the same
 #: for every run seed, so its radiomics are extracted and cached once.
-SECOND_READER_SEED = 1
+SECOND_READER_SEED = PERTURBED_READER_SEED
 #: Names of the models' rows in the demo report.
 REPORT_NAMES = {"CR": "CR (federated)", "R": "R (federated)", "RCR": "RCR (federated)"}
 

@@ -13,6 +13,11 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+#: The seed of the perturbed-mask "second reader" whose radiomics the ICC filter compares with the
+#: first (a robustness-by-perturbation test in the manner of Zwanenburg et al. 2019, where no second
+#: segmentation exists): the same in the simulation and in the ServerApp's stats job.
+PERTURBED_READER_SEED = 1
+
 
 def icc_contribution(ratings: ArrayLike, shift: ArrayLike | None = None) -> dict[str, NDArray]:
     """Additive sums of ratings (n, k, p) about ``shift`` (p,)."""
