@@ -81,13 +81,19 @@ def join_site(site, table: RadiomicsTable | None, seed: int) -> ClassicalSite:
 
 
 def add_second_reader(site: ClassicalSite, table: RadiomicsTable, second: RadiomicsTable) -> None:
-    """Attach the second reader's radiomics (same patients and features) to ``site``, clinical columns shared."""
+    """Attach the second reader's radiomics (the same features, some or all of the patients) to ``site``,
+    clinical columns shared; a patient the second reader did not read has a row of NaN."""
+    if second.names != table.names:
+        raise RuntimeError(f"site {site.site_id}: the second reader's radiomics have other features")
     row_of = {str(p): j for j, p in enumerate(second.patient_ids)}
-    rows = [row_of.get(str(p)) for p in site.patient_ids]
-    if None in rows or second.names != table.names:
-        raise RuntimeError(f"site {site.site_id}: second-reader radiomics missing patients or features")
+    values = np.full((len(site.patient_ids), len(table.names)), np.nan)
+    for i, p in enumerate(site.patient_ids):
+        if str(p) in row_of:
+            values[i] = second.values[row_of[str(p)]]
+    if not np.isfinite(values).all(axis=1).any():
+        raise RuntimeError(f"site {site.site_id}: the second reader read none of the site's patients")
     n_clin = len(site.names) - len(table.names)
-    site.second_reader = np.column_stack([site.features[:, :n_clin], second.values[rows]])
+    site.second_reader = np.column_stack([site.features[:, :n_clin], values])
 
 
 def score_model(model: dict, names: list[str], x: np.ndarray) -> np.ndarray:

@@ -76,7 +76,8 @@ def query(msg: Message, context: Context) -> Message:
     site, _ = _site(context)
     setup = msg.content["setup"]
     reader = int(setup["second-reader"]) if "second-reader" in setup else None
-    endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]), reader)
+    icc_patients = int(setup["icc-patients"]) if "icc-patients" in setup else None
+    endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]), reader, icc_patients)
     request = unflatten({k: v.numpy() for k, v in msg.content["arrays"].items()}, dict(msg.content["config"]))
     arrays, config = flatten(endpoint.handle(request))
     content = RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),

@@ -196,51 +196,62 @@ class Site:
         return site_split(self.prepared, name, self.seed)
 
     # ------------------------------------------------------------------ radiomics and classical rows
-    def radiomics(self, params: str = "fast", perturb_seed: int | None = None):
-        """The radiomics table of :attr:`rows`' patients (``hccfed.client.radiomics.extract_site``,
-        cached per patient on disk); ``perturb_seed``: the simulated second reader's."""
+    def radiomics(self, params: str = "fast", perturb_seed: int | None = None,
+                  patient_ids: Sequence[str] | None = None):
+        """The radiomics table of :attr:`rows`' patients, or of ``patient_ids`` among them
+        (``hccfed.client.radiomics.extract_site``, cached per patient on disk); ``perturb_seed``: the
+        simulated second reader's."""
         from hccfed.client.radiomics import extract_site
 
-        key = (params, perturb_seed)
+        patients = tuple(str(p) for p in (self.rows.patient_ids if patient_ids is None else patient_ids))
+        key = (params, perturb_seed, patients)
         if key not in self._radiomics:
-            patients = [str(p) for p in self.rows.patient_ids]
             self._radiomics[key] = extract_site(self.config, params, workers=self.workers, progress=self.progress,
-                                                perturb_seed=perturb_seed, patient_ids=patients)
+                                                perturb_seed=perturb_seed, patient_ids=list(patients))
         return self._radiomics[key]
 
-    def classical(self, params: str | None = "auto", second_reader_seed: int | None = None):
+    def classical(self, params: str | None = "auto", second_reader_seed: int | None = None,
+                  icc_patients: int | None = None):
         """The rows of the classical models (``hccfed.client.classical_site.ClassicalSite``): the clinical
         vector joined with the radiomics, split like the deep models (train + validation fit, test scored).
 
         ``params``: "fast", "full" or a parameter file; "auto": the fast file when the site has volumes,
         clinical only otherwise; None or "none": clinical only. ``second_reader_seed``: also the second
-        reader's radiomics (the ICC filter).
+        reader's radiomics (the ICC filter), of ``icc_patients`` training patients drawn at random from the
+        run's seed (as studies re-segment a random subset; None: every patient); the others' second-reader
+        rows are NaN.
         """
         from hccfed.client.classical_site import add_second_reader, join_site
 
         if params == "auto":
             params = "fast" if self.has_volumes else None
         params = None if params in (None, "none") else params
-        key = (params, second_reader_seed)
+        key = (params, second_reader_seed, icc_patients)
         if key not in self._classical:
             def build():
                 table = None if params is None else self.radiomics(params)
                 site = join_site(self.rows, table, self.seed)
                 if second_reader_seed is not None and table is not None:
-                    add_second_reader(site, table, self.radiomics(params, second_reader_seed))
+                    rows = np.arange(len(site.patient_ids))
+                    if icc_patients is not None and len(site.train) > icc_patients:
+                        rng = np.random.default_rng(derive_seed(self.seed, self.site_id, "icc-patients"))
+                        rows = np.sort(rng.choice(site.train, icc_patients, replace=False))
+                    second = self.radiomics(params, second_reader_seed, [str(p) for p in site.patient_ids[rows]])
+                    add_second_reader(site, table, second)
                 return site
-            name = f"classical-{derive_seed(params, second_reader_seed):016x}"
+            name = f"classical-{derive_seed(params, second_reader_seed, icc_patients):016x}"
             self._classical[key] = self._kept(name, build, _dataclass_to_arrays, _classical_from_arrays)
         return self._classical[key]
 
-    def stats_endpoint(self, n_folds: int, params: str | None, second_reader_seed: int | None = None):
+    def stats_endpoint(self, n_folds: int, params: str | None, second_reader_seed: int | None = None,
+                       icc_patients: int | None = None):
         """The site's endpoint for the federated statistics over :meth:`classical` rows (kept per setup)."""
         from hccfed.client.classical_site import ClassicalStatsSite
 
-        key = ("endpoint", int(n_folds), params, second_reader_seed)
+        key = ("endpoint", int(n_folds), params, second_reader_seed, icc_patients)
         if key not in self._classical:
-            self._classical[key] = ClassicalStatsSite(self.classical(params, second_reader_seed), int(n_folds),
-                                                      self.seed)
+            rows = self.classical(params, second_reader_seed, icc_patients)
+            self._classical[key] = ClassicalStatsSite(rows, int(n_folds), self.seed)
         return self._classical[key]
 
     # ------------------------------------------------------------------ the run's snapshot

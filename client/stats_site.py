@@ -136,7 +136,8 @@ class StatsSite:
             raise ValueError(f"site {self.site_id}: no second-reader features for the ICC request")
         cols = request.get("columns")
         second = self.second_reader if cols is None else self.second_reader[:, np.asarray(cols, dtype=int)]
-        ratings = np.stack([self._x(request, np.ones(len(self.labels), bool)), second], axis=1)
+        read = np.isfinite(second).all(axis=1)  # the patients the second reader read (a random subset)
+        ratings = np.stack([self._x(request, read), second[read]], axis=1)
         return icc.icc_contribution(ratings, request.get("shift"))
 
     def _combat_rows(self, request: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

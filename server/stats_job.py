@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hccfed.common.run_config import RunConfig
-from hccfed.common.stats.icc import PERTURBED_READER_SEED
+from hccfed.common.stats.icc import ICC_PATIENTS_PER_SITE, PERTURBED_READER_SEED
 from hccfed.server.audit import AuditingGrid
 from hccfed.server.classical_models import results_json, run_classical_models
 from hccfed.server.stats_messages import FlowerSend
@@ -27,7 +27,8 @@ RESULTS_FILE = "federated_stats.json"
 N_FOLDS = 5
 #: What the sites build their rows from: radiomics with the fast parameter file when they have volumes,
 #: and the perturbed-mask second reader's for the ICC filter (as the simulation's demo does).
-SETUP = {"n-folds": N_FOLDS, "radiomics": "auto", "second-reader": PERTURBED_READER_SEED}
+SETUP = {"n-folds": N_FOLDS, "radiomics": "auto", "second-reader": PERTURBED_READER_SEED,
+         "icc-patients": ICC_PATIENTS_PER_SITE}
 
 
 def run_federated_stats(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from hccfed.client.classical_site import ClassicalSite, local_endpoints, score_m
 from hccfed.client.site import Site
 from hccfed.client.stats_site import local_send
 from hccfed.common.site_config import SiteConfig, load_site_config
-from hccfed.common.stats.icc import PERTURBED_READER_SEED
+from hccfed.common.stats.icc import ICC_PATIENTS_PER_SITE, PERTURBED_READER_SEED
 from hccfed.server import classical_models as cm
 
 __all__ = ["ClassicalSite", "LinearModel", "run_classical_models",
@@ -73,19 +73,20 @@ def _configs(site_yamls: list) -> list[SiteConfig]:
 
 
 def classical_model_results(sites: list[Site], harmonize: bool = True, params: str = "fast", n_folds: int = 5,
-                            second_reader_seed: int | None = SECOND_READER_SEED) -> dict[str, dict]:
+                            second_reader_seed: int | None = SECOND_READER_SEED,
+                            icc_patients: int | None = ICC_PATIENTS_PER_SITE) -> dict[str, dict]:
     """The demo report's rows for CR / R / RCR trained federated on the demo's sites.
 
     Each :class:`~hccfed.client.site.Site` gives its rows (``Site.classical``: the same patients and
     train / test split as the deep models, radiomics with ``params`` cached under its ``cache_dir``).
     ``second_reader_seed``: the simulated second reader whose radiomics (perturbed masks) feed the ICC
-    filter; None: no ICC step.
+    filter, of ``icc_patients`` training patients per site (None: all); None: no ICC step.
     Returns {"CR (federated)" / "R (federated)" / "RCR (federated)": {"test": pooled_figures (auc,
     auc_ci_lower, auc_ci_upper, c_index, n_patients, n_positive, n_negative, ...), "figures":
     pooled_clinical_figures, "train_patients": int, "features": [...], "harmonized": bool}}; the R
     entry also holds "selection" (server.radiomics_selection) and the protected covariates.
     """
-    rows = [site.classical(params, second_reader_seed) for site in sites]
+    rows = [site.classical(params, second_reader_seed, icc_patients) for site in sites]
     out = run_classical_models(rows, sites[0].seed, n_folds, harmonize)
     return {REPORT_NAMES[key]: {"test": r["test"], "figures": r["figures"],
                                 "train_patients": int(sum(r["sites"]["n_train"].values())),

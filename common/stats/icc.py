@@ -17,6 +17,9 @@ from numpy.typing import ArrayLike, NDArray
 #: first (a robustness-by-perturbation test in the manner of Zwanenburg et al. 2019, where no second
 #: segmentation exists): the same in the simulation and in the ServerApp's stats job.
 PERTURBED_READER_SEED = 1
+#: How many training patients per site the second reader reads: a random subset, as reproducibility
+#: studies re-segment a subset (commonly 30 or more patients) rather than the whole cohort.
+ICC_PATIENTS_PER_SITE = 30
 
 
 def icc_contribution(ratings: ArrayLike, shift: ArrayLike | None = None) -> dict[str, NDArray]:

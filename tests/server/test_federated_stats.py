@@ -199,3 +199,32 @@ def test_icc_and_combat_send_no_rows(cohort):
     fs.federated_combat(spy, [1, 2, 3], covariates=[0, 5], reference="hospital_b")
     fs.federated_combat(spy, [1, 2], covariates=[0], parametric=False, mean_only=True)
     _assert_no_rows(spy.log, cohort)
+
+
+def _icc31(ratings: np.ndarray) -> np.ndarray:
+    """ICC(3,1) of (n, k) ratings per feature (n, k, p), by the two-way ANOVA written out."""
+    n, k, _ = ratings.shape
+    grand = ratings.mean(axis=(0, 1))
+    rows = ratings.mean(axis=1)
+    cols = ratings.mean(axis=0)
+    ss_rows = k * ((rows - grand) ** 2).sum(axis=0)
+    ss_cols = n * ((cols - grand) ** 2).sum(axis=0)
+    ss_err = ((ratings - grand) ** 2).sum(axis=(0, 1)) - ss_rows - ss_cols
+    msr, mse = ss_rows / (n - 1), ss_err / ((n - 1) * (k - 1))
+    return (msr - mse) / (msr + (k - 1) * mse)
+
+
+def test_icc_over_a_random_subset_of_re_read_patients_equals_the_pooled_subset(cohort):
+    """The second reader reads some patients only (NaN rows for the others): the federated ICC is the
+    ICC of the pooled re-read patients, however unequal the sites' subsets."""
+    rng = np.random.default_rng(1)
+    sites = _sites(cohort)
+    pooled = []
+    for site, read in zip(sites, (30, 7, 55)):
+        second = site.features + rng.normal(0, 0.3, site.features.shape) * site.features.std(axis=0)
+        chosen = rng.choice(len(site.features), read, replace=False)
+        site.second_reader = np.full_like(second, np.nan)
+        site.second_reader[chosen] = second[chosen]
+        pooled.append(np.stack([site.features[chosen], second[chosen]], axis=1))
+    res = fs.federated_icc(local_send(sites))
+    np.testing.assert_allclose(res["icc"], _icc31(np.concatenate(pooled)), atol=1e-10)
