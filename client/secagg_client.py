@@ -5,7 +5,11 @@ In Flower 1.41, SecAgg+ works only through the legacy workflow: on the site,
 (setup, share keys, collect masked vectors, unmask); at "collect masked
 vectors" it calls the client's ``fit``, which trains exactly as a plain round
 does (client.federated.train_round), then masks the weighted, quantized
-weights so the server only learns their sum over the sites.
+weights so the server only learns their sum over the sites. No training
+metric is sent (it would travel in clear beside the masked vector). A site that
+fails or refuses at any stage is a dropout: with the run's
+``secagg-reconstruction-threshold`` below 1 the others' key shares unmask the
+sum without it.
 
 The hospital's ClientApp hands SecAgg+ messages here (``is_secagg_message``);
 everything else goes through the Message API handlers.
@@ -56,7 +60,9 @@ class SecAggSiteClient(NumPyClient):
         plan = FederationPlan.from_json(str(config["plan"])) if "plan" in config else None
         site = NODE_SITES.for_node(self.run_config, self.context.node_config, str(self.context.run_id), plan)
         new_state, metrics = train_round(site, state, config, self.run_config)
-        return [v.numpy() for v in new_state.values()], int(metrics["num-examples"]), dict(metrics)
+        # Only the weights travel, masked: the training metrics (loss, epsilon) would sit beside them in clear,
+        # so none is sent; the site's ledger (carried by its evaluate replies) records what it spent.
+        return [v.numpy() for v in new_state.values()], int(metrics["num-examples"]), {}
 
 
 def _client_fn(context: Context):

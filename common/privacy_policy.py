@@ -77,3 +77,9 @@ def parse_privacy_policy(raw: Any, where: str) -> PrivacyPolicy:
         raise ConfigError(f"{where}: key 'privacy.max_epsilon_per_run' ({policy.max_epsilon_per_run}) exceeds "
                           f"'privacy.lifetime_epsilon' ({policy.lifetime_epsilon})")
     return policy
+
+
+#: The error code of a site's refusal reply (a Flower ``Error``; its reason names the site and the rule).
+REFUSAL_CODE = 4030
+#: The name of the record in which a site's reply carries its ledger entries for the run.
+LEDGER_RECORD = "privacy-ledger"
