@@ -65,6 +65,11 @@ def steps_per_epoch(n_patients: int, batch_size: int) -> int:
     return math.ceil(n_patients / batch_size)
 
 
+def expected_batch_size(n_patients: int, batch_size: int) -> float:
+    """The Poisson sampling's expected batch size, n x rate: the DP loss's fixed normaliser."""
+    return n_patients * sample_rate(n_patients, batch_size)
+
+
 def sample_rate(n_patients: int, batch_size: int) -> float:
     """Poisson sampling rate, 1 / steps per epoch (Opacus' DPDataLoader): expected batch <= batch_size."""
     return 1.0 / steps_per_epoch(n_patients, batch_size)
@@ -104,9 +109,14 @@ class PrivateTraining:
     """Attaches Opacus to one local training call (train_local's ``privacy`` argument).
 
     ``attach`` wraps the model (GradSampleModule, standard ``hooks`` mode) and
-    optimizer (DPOptimizer, flat clipping at ``max_grad_norm``, Gaussian noise
-    of ``noise_multiplier``), and returns a callable giving one epoch of
-    Poisson-sampled index batches. The sampling generator is reseeded from OS
+    optimizer (DPOptimizer, Gaussian noise of ``noise_multiplier``), and
+    returns a callable giving one epoch of Poisson-sampled index batches.
+    The loss is a sum of per-patient terms divided by the fixed expected batch
+    size B (training.per_sample_dp_loss), so Opacus runs with
+    ``loss_reduction="sum"`` (per-sample gradients are those of each term
+    alone, never rescaled by the realised batch) and clips at
+    ``max_grad_norm / B``: each patient's term, before the division, is clipped
+    at ``max_grad_norm``, and the noise is ``noise_multiplier`` x that bound. The sampling generator is reseeded from OS
     entropy before each epoch and the noise generator (on the model's device)
     before each step: nothing the coordinator knows determines either.
     """
@@ -125,12 +135,13 @@ class PrivateTraining:
         device = next(model.parameters()).device
         noise = torch.Generator(device=device).manual_seed(secret_seed())
         loader = DPDataLoader.from_data_loader(DataLoader(indices, batch_size=batch_size), generator=sampling)
+        clip = self.max_grad_norm / expected_batch_size(n_patients, batch_size)
         with warnings.catch_warnings():
             # Opacus warns that its secure_mode is off: our generators are reseeded from OS entropy instead.
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             dp_model, dp_optimizer, dp_loader = PrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.max_grad_norm, poisson_sampling=False, noise_generator=noise)
+                max_grad_norm=clip, poisson_sampling=False, noise_generator=noise, loss_reduction="sum")
 
         def epoch() -> Iterator[torch.Tensor]:
             sampling.manual_seed(secret_seed())

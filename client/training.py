@@ -26,6 +26,8 @@ from hccfed.client.site_data import SplitData
 from hccfed.common.models.losses import cox_partial_likelihood, per_sample_dp_loss, weighted_bce
 from hccfed.common.run_config import AUGMENTATIONS
 
+from hccfed.client.privacy import expected_batch_size
+
 if TYPE_CHECKING:
     from hccfed.client.privacy import PrivateTraining
 
@@ -179,7 +181,7 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     trained, batches, expected_batch = model, None, 0.0
     if privacy is not None:
         trained, optimizer, batches = privacy.attach(model, optimizer, len(data), settings.batch_size)
-        expected_batch = len(data) / math.ceil(len(data) / settings.batch_size)  # n x sampling rate
+        expected_batch = expected_batch_size(len(data), settings.batch_size)
     epoch_losses: list[float] = []
     steps = 0
     for _ in range(settings.epochs):
