@@ -23,13 +23,20 @@ from hccfed.common.privacy_policy import LEDGER_RECORD, REFUSAL_CODE
 
 LOG = logging.getLogger("flwr")
 _SITE = re.compile(r"^site (\S+) refuses: ")
+_RAISED = re.compile(r"PolicyRefusal: (site (\S+) refuses: [^\n]*)")  # in the traceback of a ClientApp error
 
 
 def refusal_of(msg: Message) -> tuple[str, str] | None:
-    """(site id, reason) of a privacy refusal reply, else None."""
-    if not msg.has_error() or msg.error.code != REFUSAL_CODE:
+    """(site id, reason) of a privacy refusal reply, else None: a reply of code REFUSAL_CODE, or (inside a
+    SecAgg+ round, where the site can only fail) a ClientApp error raised by the site's PolicyRefusal."""
+    if not msg.has_error():
         return None
     reason = str(msg.error.reason)
+    if msg.error.code != REFUSAL_CODE and "PolicyRefusal" not in reason:
+        return None
+    raised = _RAISED.search(reason)
+    if raised:
+        return raised.group(2), raised.group(1).strip()
     match = _SITE.match(reason)
     return (match.group(1) if match else f"node {msg.metadata.src_node_id}"), reason
 
