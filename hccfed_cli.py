@@ -137,7 +137,7 @@ def _site_summary(args: argparse.Namespace) -> int:
     from hccfed.client.site_summary_command import write_site_summary
 
     out = write_site_summary(args.predictions, args.out, site_id=args.site_id, pooled=args.pooled,
-                             epsilon=args.epsilon, seed=args.seed, force=args.force, minimum=_minimum(args),
+                             epsilon=args.epsilon, test_noise_seed=args.test_noise_seed, force=args.force, minimum=_minimum(args),
                              dp_score_range=args.dp_score_range)
     print(f"wrote the site summary (tables of counts only, no patient row) to {out}")
     return 0
@@ -224,11 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this site's round2/<site-id>.json from pool-summaries: adds the sums for paired DeLong tests")
     site.add_argument("--force", action="store_true", help="replace --out when it exists")
     site.add_argument("--epsilon", type=float, default=None,
-                      help="differential privacy: Laplace noise on a coarse grid; each model costs 3 x epsilon")
+                      help="differential privacy: Laplace noise on a coarse grid, pure epsilon-DP (delta 0) under "
+                           "add / remove one patient; each model costs 3 x epsilon; the noise comes from OS entropy "
+                           "and the pooled intervals account for it")
     site.add_argument("--dp-score-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                       help="with --epsilon: the scores' range, declared beforehand (default -5 5); a score outside "
                            "it stops the release")
-    site.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh randomness)")
+    site.add_argument("--test-noise-seed", type=int, default=None, metavar="N",
+                      help="TEST MODE ONLY: seed the noise so the summary is reproducible; anyone who knows the seed "
+                           "can remove the noise, so such a summary is NOT private (it is marked so)")
     _add_minimum_arguments(site)
     site.set_defaults(func=_site_summary)
 

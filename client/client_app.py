@@ -16,6 +16,8 @@ from flwr.clientapp import ClientApp
 
 from hccfed.client.evaluation import CLINICAL_PREFIX
 from hccfed.client.federated import evaluate_round, train_round
+from hccfed.client.privacy_guard import LEDGER_RECORD, PolicyRefusal, check_exact_release, ledger_record, \
+    refusal_reply, site_ledger_record
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
 from hccfed.client.site import NODE_SITES, Site, site_plan_problems
 from hccfed.common.plan import PLAN_RECORD, FederationPlan
@@ -43,10 +45,14 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg_message(msg):
         return secagg_app(msg, context)
     site, run_config = _site(context, msg.content["config"])
-    state, metrics = train_round(site, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]),
-                                 run_config)
+    try:
+        state, metrics = train_round(site, msg.content["arrays"].to_torch_state_dict(),
+                                     dict(msg.content["config"]), run_config)
+    except PolicyRefusal as err:  # beyond this site's privacy policy: nothing leaves but the reason
+        return refusal_reply(msg, site.site_id, str(err))
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"site-id": site.site_id})})
+                          "site": ConfigRecord({"site-id": site.site_id}),
+                          LEDGER_RECORD: ledger_record(site.config.cache_dir, msg.content["config"]["run-token"])})
     return Message(content=content, reply_to=msg)
 
 
@@ -54,11 +60,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model; reply with counts and fixed-size histograms only."""
     site, run_config = _site(context, msg.content["config"])
-    metrics, summary = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(),
-                                      dict(msg.content["config"]), run_config)
+    try:
+        metrics, summary = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(),
+                                          dict(msg.content["config"]), run_config)
+    except PolicyRefusal as err:
+        return refusal_reply(msg, site.site_id, str(err))
     records = {"summary": {k: v for k, v in summary.items() if not k.startswith(CLINICAL_PREFIX)},
                "clinical": {k[len(CLINICAL_PREFIX):]: v for k, v in summary.items() if k.startswith(CLINICAL_PREFIX)}}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id}),
+                          LEDGER_RECORD: ledger_record(site.config.cache_dir, msg.content["config"]["run-token"]),
                           **{name: ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
                              for name, arrays in records.items() if arrays}})
     return Message(content=content, reply_to=msg)
@@ -74,14 +84,21 @@ def query(msg: Message, context: Context) -> Message:
     if PLAN_RECORD in msg.content:
         return _plan_step(msg, context)
     site, _ = _site(context)
+    run_id = f"flwr-run-{context.run_id}"
     setup = msg.content["setup"]
     reader = int(setup["second-reader"]) if "second-reader" in setup else None
     icc_patients = int(setup["icc-patients"]) if "icc-patients" in setup else None
     endpoint = site.stats_endpoint(int(setup["n-folds"]), str(setup["radiomics"]), reader, icc_patients)
+    try:  # exact aggregates: only where this site's policy allows them, on enough patients
+        check_exact_release(site.config.privacy, "statistics", len(endpoint.site.patient_ids))
+        site_ledger_record(site, run_id, "statistics", str(msg.content["config"].get("op", "")))
+    except PolicyRefusal as err:
+        return refusal_reply(msg, site.site_id, str(err))
     request = unflatten({k: v.numpy() for k, v in msg.content["arrays"].items()}, dict(msg.content["config"]))
     arrays, config = flatten(endpoint.handle(request))
     content = RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
-                          "config": ConfigRecord(config), "site": ConfigRecord({"site-id": site.site_id})})
+                          "config": ConfigRecord(config), "site": ConfigRecord({"site-id": site.site_id}),
+                          LEDGER_RECORD: ledger_record(site.config.cache_dir, run_id)})
     return Message(content=content, reply_to=msg)
 
 
@@ -92,10 +109,13 @@ def _plan_step(msg: Message, context: Context) -> Message:
     step = msg.content[PLAN_RECORD]
     if step["step"] == "fingerprint":
         answer = {"fingerprint": json.dumps(site.fingerprint())}
+        site_ledger_record(site, f"flwr-run-{context.run_id}", "fingerprint (percentiles of counts, spacing, "
+                           "tumour size, intensities; from 10 patients)")
     else:
         problems = site_plan_problems(site.config, FederationPlan.from_json(str(step["plan"])))
         for problem in problems:
             log.warning("refusing the federation plan: %s", problem)
         answer = {"accepted": not problems, "problems": json.dumps(problems)}
-    content = RecordDict({PLAN_RECORD: ConfigRecord(answer), "site": ConfigRecord({"site-id": site.site_id})})
+    content = RecordDict({PLAN_RECORD: ConfigRecord(answer), "site": ConfigRecord({"site-id": site.site_id}),
+                          LEDGER_RECORD: ledger_record(site.config.cache_dir, f"flwr-run-{context.run_id}")})
     return Message(content=content, reply_to=msg)

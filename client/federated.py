@@ -26,6 +26,8 @@ from hccfed.client.evaluation import CLINICAL_PREFIX, clinical_summary, evaluati
 from hccfed.client.site import Site
 from hccfed.client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent, noise_multiplier_for, sample_rate, \
     steps_per_epoch
+from hccfed.client.privacy_guard import check_exact_release, check_training
+from hccfed.client.privacy_ledger import NEIGHBOURS, PrivacyLedger
 from hccfed.client.training import TrainSettings, detect_device, predict, train_local
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
@@ -105,19 +107,27 @@ def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[s
 
     With DP, a site whose budget would be exceeded by this round returns the
     received weights unchanged, with ``dp-budget-exhausted`` = 1.
+
+    The site's privacy policy decides first (PolicyRefusal beyond it), and each
+    release is written to its ledger before it leaves. In a DP run no site sends
+    its exact mean training loss (the key is absent); a site whose policy forbids
+    exact metrics sends NaN in its place.
     """
     server_round = int(config.get("server-round", 0))
     seed = round_seed(run_config.seed, server_round, site.site_id)
     torch.manual_seed(seed)
     data = site.split("train")
     budget = _dp_budget(run_config, site.site_id)
+    policy = site.config.privacy
+    check_training(policy, budget)
     needs_state = run_config.local_norm or budget is not None
     store = SiteState.for_run(site, run_config, str(config.get("run-token", ""))) if needs_state else None
     previous = store.latest(server_round - 1) if store else {"norm": None, "dp_steps": 0}
     model = model_for(run_config, _with_local_norm(state, previous["norm"] if run_config.local_norm else None))
     settings = TrainSettings(epochs=run_config.local_epochs, learning_rate=run_config.learning_rate,
                              batch_size=run_config.batch_size, seed=seed, augment=run_config.augment,
-                             proximal_mu=float(config.get("proximal-mu", 0.0)))
+                             proximal_mu=float(config.get("proximal-mu", 0.0)),
+                             positive_weight=run_config.dp_positive_weight if budget is not None else None)
     dp_steps, sigma, rate, exhausted = int(previous["dp_steps"]), 0.0, 0.0, False
     privacy = None
     if budget is not None:
@@ -127,12 +137,15 @@ def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[s
         exhausted = dp_steps + per_round > run_config.num_server_rounds * per_round
         privacy = PrivateTraining(sigma, budget.max_grad_norm)
     if exhausted:
-        metrics = {"loss": float("nan"), "num-examples": float(len(data))}
+        metrics = {"num-examples": float(len(data))}  # a DP run: no loss key from any site
         new_state = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
     else:
         metrics = train_local(model, data, settings, detect_device(), privacy)
-        dp_steps += int(metrics.pop("dp-steps", 0))
+        round_steps = int(metrics.pop("dp-steps", 0))
+        dp_steps += round_steps
         new_state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+        _record_training(site, str(config.get("run-token", "")), server_round, budget, sigma, rate, round_steps,
+                         metrics, run_config)
     if store is not None:
         norm = {k: new_state[k] for k in norm_parameter_names(model)} if run_config.local_norm else None
         if exhausted and run_config.local_norm:
@@ -140,6 +153,27 @@ def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[s
         store.save(server_round, norm, dp_steps)
     metrics.update(_dp_metrics(run_config, budget, sigma, rate, dp_steps, exhausted))
     return new_state, metrics
+
+
+def _record_training(site: Site, run_id: str, server_round: int, budget: PrivacyBudget | None, sigma: float,
+                     rate: float, steps: int, metrics: dict[str, float], run_config: RunConfig) -> None:
+    """Write this round's releases to the ledger (PolicyRefusal beyond the lifetime budget) and take the
+    exact loss out of ``metrics`` where it may not leave."""
+    policy, ledger = site.config.privacy, PrivacyLedger(site.config.cache_dir)
+    if budget is not None:
+        ledger.record(policy, run_id, server_round, "model-update", "dp-sgd", delta=budget.delta,
+                      guarantee=f"(epsilon, delta)-DP, {NEIGHBOURS}, DP-SGD (Opacus, RDP accountant, composed "
+                                f"over this run's rounds); clipping {budget.max_grad_norm:g}",
+                      rdp={"noise_multiplier": sigma, "sample_rate": rate, "steps": steps},
+                      planned_run_epsilon=budget.epsilon)
+    else:
+        ledger.record(policy, run_id, server_round, "model-update", "none")
+    if run_config.dp_epsilon > 0:
+        metrics.pop("loss", None)  # a DP run: no site sends the exact loss of the patients it trained on
+    elif policy.allow_nonprivate_metrics:
+        ledger.record(policy, run_id, server_round, "training-loss", "none")
+    else:
+        metrics["loss"] = float("nan")
 
 
 def evaluate_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
@@ -153,6 +187,7 @@ def evaluate_round(site: Site, state: Mapping[str, torch.Tensor], config: Mappin
     comes from (config "model-round", else "server-round") replace the received ones.
     """
     data = site.split(str(config.get("split", "val")))
+    check_exact_release(site.config.privacy, "evaluation tables", len(data))
     if run_config.local_norm:
         store = SiteState.for_run(site, run_config, str(config.get("run-token", "")))
         model_round = int(config.get("model-round", config.get("server-round", 0)))
@@ -169,4 +204,7 @@ def evaluate_round(site: Site, state: Mapping[str, torch.Tensor], config: Mappin
         "num-negative": float((labels == 0).sum()),
         "num-events": float(data.events.sum()),
     }
+    PrivacyLedger(site.config.cache_dir).record(site.config.privacy, str(config.get("run-token", "")),
+                                                int(config.get("server-round", config.get("model-round", 0))),
+                                                f"evaluation-tables ({config.get('split', 'val')})", "none")
     return metrics, summary

@@ -8,15 +8,27 @@ history each round. A site whose next round would exceed its budget does not
 train (client/federated.py returns the received weights with
 ``dp-budget-exhausted`` = 1).
 
-Where the settings come from (for now): the run config keys ``dp-epsilon``
-(0 = off), ``dp-delta``, ``dp-max-grad-norm`` and ``dp-sites`` (which sites;
-empty = all), see pyproject.toml. A per-site YAML entry is the intended home.
+Where the settings come from: the run config keys ``dp-epsilon`` (0 = off),
+``dp-delta``, ``dp-max-grad-norm`` and ``dp-sites`` (which sites; empty = all)
+ask; the site's own privacy policy (``privacy:`` in its YAML,
+client/privacy_policy.py) decides, and its ledger (client/privacy_ledger.py)
+records what was spent.
+
+Secret randomness: the Poisson sampling and the Gaussian noise are drawn from
+generators reseeded from the operating system's entropy (``secrets``) before
+every epoch and every step, never from the run seed, the round or the site id
+(all known to the coordinator, who could otherwise regenerate the noise and
+subtract it). A DP run is therefore not reproducible, on purpose; a run
+without DP still is. Opacus' own ``secure_mode`` needs torchcsprng, which is
+not installed here; a 63-bit OS-entropy seed per step gives an attacker who
+sees only the noisy weights no seed to replay.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -53,6 +65,11 @@ def steps_per_epoch(n_patients: int, batch_size: int) -> int:
     return math.ceil(n_patients / batch_size)
 
 
+def expected_batch_size(n_patients: int, batch_size: int) -> float:
+    """The Poisson sampling's expected batch size, n x rate: the DP loss's fixed normaliser."""
+    return n_patients * sample_rate(n_patients, batch_size)
+
+
 def sample_rate(n_patients: int, batch_size: int) -> float:
     """Poisson sampling rate, 1 / steps per epoch (Opacus' DPDataLoader): expected batch <= batch_size."""
     return 1.0 / steps_per_epoch(n_patients, batch_size)
@@ -83,14 +100,25 @@ def epsilon_spent(noise_multiplier: float, rate: float, steps: int, delta: float
         return float(accountant.get_epsilon(delta=delta))
 
 
+def secret_seed() -> int:
+    """A 63-bit seed from the operating system's CSPRNG (what DP sampling and noise start from)."""
+    return secrets.randbits(63)
+
+
 class PrivateTraining:
     """Attaches Opacus to one local training call (train_local's ``privacy`` argument).
 
     ``attach`` wraps the model (GradSampleModule, standard ``hooks`` mode) and
-    optimizer (DPOptimizer, flat clipping at ``max_grad_norm``, Gaussian noise
-    of ``noise_multiplier``), and returns a callable giving one epoch of
-    Poisson-sampled index batches; both the sampling and the noise come from
-    generators seeded by ``seed`` so a CPU run is reproducible.
+    optimizer (DPOptimizer, Gaussian noise of ``noise_multiplier``), and
+    returns a callable giving one epoch of Poisson-sampled index batches.
+    The loss is a sum of per-patient terms divided by the fixed expected batch
+    size B (training.per_sample_dp_loss), so Opacus runs with
+    ``loss_reduction="sum"`` (per-sample gradients are those of each term
+    alone, never rescaled by the realised batch) and clips at
+    ``max_grad_norm / B``: each patient's term, before the division, is clipped
+    at ``max_grad_norm``, and the noise is ``noise_multiplier`` x that bound. The sampling generator is reseeded from OS
+    entropy before each epoch and the noise generator (on the model's device)
+    before each step: nothing the coordinator knows determines either.
     """
 
     def __init__(self, noise_multiplier: float, max_grad_norm: float):
@@ -101,19 +129,24 @@ class PrivateTraining:
         self.max_grad_norm = max_grad_norm
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_patients: int, batch_size: int,
-               seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], Iterator[torch.Tensor]]]:
+               ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], Iterator[torch.Tensor]]]:
         indices = TensorDataset(torch.arange(n_patients))
-        sampling = torch.Generator().manual_seed(seed + 1)
+        sampling = torch.Generator().manual_seed(secret_seed())
+        device = next(model.parameters()).device
+        noise = torch.Generator(device=device).manual_seed(secret_seed())
         loader = DPDataLoader.from_data_loader(DataLoader(indices, batch_size=batch_size), generator=sampling)
+        clip = self.max_grad_norm / expected_batch_size(n_patients, batch_size)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure RNG; reproducibility is wanted here
+            # Opacus warns that its secure_mode is off: our generators are reseeded from OS entropy instead.
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             dp_model, dp_optimizer, dp_loader = PrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.max_grad_norm, poisson_sampling=False,
-                noise_generator=torch.Generator().manual_seed(seed + 2))
+                max_grad_norm=clip, poisson_sampling=False, noise_generator=noise, loss_reduction="sum")
 
         def epoch() -> Iterator[torch.Tensor]:
+            sampling.manual_seed(secret_seed())
             for (batch,) in dp_loader:
+                noise.manual_seed(secret_seed())  # the next step's noise: fresh entropy, never replayable
                 yield batch
 
         return dp_model, dp_optimizer, epoch

@@ -5,7 +5,11 @@ In Flower 1.41, SecAgg+ works only through the legacy workflow: on the site,
 (setup, share keys, collect masked vectors, unmask); at "collect masked
 vectors" it calls the client's ``fit``, which trains exactly as a plain round
 does (client.federated.train_round), then masks the weighted, quantized
-weights so the server only learns their sum over the sites.
+weights so the server only learns their sum over the sites. No training
+metric is sent (it would travel in clear beside the masked vector). A site that
+fails or refuses at any stage is a dropout: with the run's
+``secagg-reconstruction-threshold`` below 1 the others' key shares unmask the
+sum without it.
 
 The hospital's ClientApp hands SecAgg+ messages here (``is_secagg_message``);
 everything else goes through the Message API handlers.
@@ -13,6 +17,7 @@ everything else goes through the Message API handlers.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -24,11 +29,14 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from hccfed.client.federated import train_round
+from hccfed.client.privacy_ledger import PolicyRefusal
 from hccfed.client.site import NODE_SITES
 from hccfed.common.plan import FederationPlan
 from hccfed.common.run_config import RunConfig
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+
+log = logging.getLogger("hccfed.site")
 
 
 def is_secagg_message(msg: Message) -> bool:
@@ -55,8 +63,14 @@ class SecAggSiteClient(NumPyClient):
         state = OrderedDict((k, torch.from_numpy(np.array(p))) for k, p in zip(keys, parameters))
         plan = FederationPlan.from_json(str(config["plan"])) if "plan" in config else None
         site = NODE_SITES.for_node(self.run_config, self.context.node_config, str(self.context.run_id), plan)
-        new_state, metrics = train_round(site, state, config, self.run_config)
-        return [v.numpy() for v in new_state.values()], int(metrics["num-examples"]), dict(metrics)
+        try:
+            new_state, metrics = train_round(site, state, config, self.run_config)
+        except PolicyRefusal as err:  # beyond this site's policy: it drops out of the round, saying why
+            log.warning("site %s refuses to train in this SecAgg+ round: %s", site.site_id, err)
+            raise PolicyRefusal(f"site {site.site_id} refuses: {err}") from None
+        # Only the weights travel, masked: the training metrics (loss, epsilon) would sit beside them in clear,
+        # so none is sent; the site's ledger (carried by its evaluate replies) records what it spent.
+        return [v.numpy() for v in new_state.values()], int(metrics["num-examples"]), {}
 
 
 def _client_fn(context: Context):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import secrets
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,8 @@ def load_round2_request(path: str | Path) -> dict:
 
 
 def site_summary_document(preds: Predictions, site_id: str, round2: dict | None = None,
-                          epsilon: float | None = None, seed: int | None = None, dp_grid: DPGrid = DP_GRID,
+                          epsilon: float | None = None, test_noise_seed: int | None = None,
+                          dp_grid: DPGrid = DP_GRID,
                           minimum: MinimumCells = MinimumCells()) -> dict:
     """The JSON-ready summary of one site: tables and totals only, no patient-level value.
 
@@ -159,8 +161,15 @@ def site_summary_document(preds: Predictions, site_id: str, round2: dict | None 
     if epsilon is not None:
         doc["privacy"] = {"mechanism": "Laplace noise on the counts of a coarse grid; tables at bin centres",
                           "grid": dp_grid.to_dict(), "epsilon_per_model": 3.0 * float(epsilon),
-                          "epsilon_total": 3.0 * float(epsilon) * len(preds.scores)}
-    rng = np.random.default_rng(seed)
+                          "epsilon_total": 3.0 * float(epsilon) * len(preds.scores),
+                          "delta": 0.0, "neighbouring": "add / remove one patient",
+                          "guarantee": "pure epsilon-DP (delta 0) under add / remove one patient: each patient "
+                                       "adds 1 to one cell of each of 3 histograms per model, each cell noised "
+                                       f"with Laplace(1 / {float(epsilon):g})",
+                          "noise_source": ("operating system entropy" if test_noise_seed is None else
+                                           f"TEST MODE: seed {test_noise_seed}; reproducible, so NOT private")}
+    # The noise's generator: 128 bits of OS entropy, unless an explicit test mode gives a seed.
+    rng = np.random.default_rng(secrets.randbits(128) if test_noise_seed is None else test_noise_seed)
     for m, s in preds.scores.items():
         rows = (preds.labels, s, preds.probs[m], preds.times, preds.events)
         exact = model_summary(*rows)

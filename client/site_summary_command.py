@@ -41,16 +41,19 @@ def write_json(out: Path, doc: dict) -> None:
 
 def write_site_summary(predictions: str | Path, out: str | Path, site_id: str | None = None,
                        pooled: str | Path | None = None, epsilon: float | None = None,
-                       seed: int | None = None, force: bool = False,
+                       test_noise_seed: int | None = None, force: bool = False,
                        minimum: MinimumCells = MinimumCells(),
                        dp_score_range: tuple[float, float] | None = None) -> Path:
     """Read ``predictions``, write the site summary JSON to ``out``; returns ``out``.
 
     ``pooled``: this site's round-2 request from pool-summaries (paired DeLong
     sums). ``dp_score_range``: the score range of the DP grid under ``epsilon``.
+    ``test_noise_seed``: test mode only, a reproducible (so not private) noise.
     """
     predictions, out = Path(predictions), Path(out)
     _refuse_to_replace(out, [predictions] + ([Path(pooled)] if pooled else []), force)
+    if test_noise_seed is not None and epsilon is None:
+        raise ValueError("--test-noise-seed applies only with --epsilon")
     if dp_score_range is not None and epsilon is None:
         raise ValueError("--dp-score-range applies only with --epsilon")
     grid = DP_GRID if dp_score_range is None else DPGrid(score_min=float(dp_score_range[0]),
@@ -59,7 +62,7 @@ def write_site_summary(predictions: str | Path, out: str | Path, site_id: str | 
     site = site_id or predictions.stem
     try:
         doc = site_summary_document(preds, site, round2=load_round2_request(pooled) if pooled else None,
-                                    epsilon=epsilon, seed=seed, dp_grid=grid, minimum=minimum)
+                                    epsilon=epsilon, test_noise_seed=test_noise_seed, dp_grid=grid, minimum=minimum)
     except ValueError as err:
         raise ValueError(f"{predictions.name}: {err}") from None
     write_json(out, doc)

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from hccfed.client.site_data import SplitData
-from hccfed.common.models.losses import cox_partial_likelihood, exponential_hazards_nll, weighted_bce
+from hccfed.common.models.losses import cox_partial_likelihood, per_sample_dp_loss, weighted_bce
 from hccfed.common.run_config import AUGMENTATIONS
+
+from hccfed.client.privacy import expected_batch_size
 
 if TYPE_CHECKING:
     from hccfed.client.privacy import PrivateTraining
@@ -52,6 +54,9 @@ class TrainSettings:
     max_scaling: float = 0.1
     proximal_mu: float = 0.0
     mixed_precision: bool = True
+    #: the BCE weight of recurrence-positive patients; None: n_negative / n_positive of the training split
+    #: (not under DP-SGD, where it must come from configuration: estimated from the data it would leak)
+    positive_weight: float | None = None
 
     @property
     def augmentation(self) -> str:
@@ -152,7 +157,9 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     """Train ``model`` in place on ``data``; returns {"loss": mean last-epoch loss, "num-examples": n}.
 
     With ``privacy``, the model is trained with DP-SGD (Opacus, Poisson
-    sampling, per-sample clipping and noise); the risk head then learns from
+    sampling, per-sample clipping and noise) on :func:`per_sample_dp_loss`
+    (a sum of per-patient terms over a fixed normaliser, the class weight from
+    ``settings.positive_weight``); the risk head then learns from
     the exponential proportional-hazards likelihood instead of Cox's partial
     likelihood (whose risk sets couple the patients of a batch, so per-sample
     clipping would not bound one patient's influence) and FedProx's pull is applied after each
@@ -168,11 +175,13 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     global_params = ([p.detach().clone() for p in model.parameters() if p.requires_grad]
                      if settings.proximal_mu > 0 else [])
-    pos_weight = positive_weight(data.labels)
-    survival_loss = cox_partial_likelihood if privacy is None else exponential_hazards_nll
-    trained, batches = model, None
+    if privacy is not None and settings.positive_weight is None:
+        raise ValueError("under DP-SGD the class weight must come from configuration (TrainSettings.positive_weight)")
+    pos_weight = positive_weight(data.labels) if settings.positive_weight is None else settings.positive_weight
+    trained, batches, expected_batch = model, None, 0.0
     if privacy is not None:
-        trained, optimizer, batches = privacy.attach(model, optimizer, len(data), settings.batch_size, settings.seed)
+        trained, optimizer, batches = privacy.attach(model, optimizer, len(data), settings.batch_size)
+        expected_batch = expected_batch_size(len(data), settings.batch_size)
     epoch_losses: list[float] = []
     steps = 0
     for _ in range(settings.epochs):
@@ -188,10 +197,14 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
             with autocast_for(device, settings.mixed_precision and privacy is None):
                 logits, log_risk = trained(images, clinical, radiomics)
             logits, log_risk = logits.float(), log_risk.float()
-            loss = weighted_bce(logits, data.labels[idx].to(device), pos_weight)
-            if settings.cox_weight:
-                loss = loss + settings.cox_weight * survival_loss(
-                    log_risk, data.times[idx].to(device), data.events[idx].to(device))
+            labels, times, events = data.labels[idx].to(device), data.times[idx].to(device), data.events[idx].to(device)
+            if privacy is not None:
+                loss = per_sample_dp_loss(logits, log_risk, labels, times, events, pos_weight, settings.cox_weight,
+                                          expected_batch)
+            else:
+                loss = weighted_bce(logits, labels, pos_weight)
+                if settings.cox_weight:
+                    loss = loss + settings.cox_weight * cox_partial_likelihood(log_risk, times, events)
             if global_params and privacy is None:
                 loss = loss + settings.proximal_mu / 2 * proximal_term(model, global_params)
             optimizer.zero_grad(set_to_none=True)

@@ -87,11 +87,18 @@ class RunConfig:
     dp_max_grad_norm: float = option(1.0, "DP-SGD per-sample clipping norm", group="privacy", positive=True)
     dp_sites: tuple[str, ...] = option((), "comma-separated site ids that train under DP-SGD (empty: all)",
                                        group="privacy", cli=False)
+    dp_positive_weight: float = option(1.0, "DP-SGD: the loss weight of recurrence-positive patients (fixed by "
+                                       "configuration: a weight estimated from a site's labels would leak them)",
+                                       group="privacy", positive=True)
     central_dp_noise: float = option(0.0, "server-side central DP noise multiplier, fixed clipping (0: off)",
                                      group="privacy", minimum=0.0)
     central_dp_clipping_norm: float = option(1.0, "central DP clipping norm", group="privacy", positive=True)
     secagg: bool = option(False, "SecAgg+ secure aggregation (fedavg / fedprox, every site training)",
                           group="federation")
+    secagg_reconstruction_threshold: float = option(
+        0.6, "SecAgg+: fraction of the sites whose key shares must survive to unmask the sum (at least 2 sites); "
+        "below 1 the round completes when sites drop out (3 sites: one may drop)", group="federation",
+        positive=True)
     resume: bool = option(False, "continue an interrupted run from its last checkpoint", group="federation")
     job: str = option("train", "what the ServerApp runs: federated training, or the classical CR / R / RCR "
                       "models by federated statistics (stats-combat: radiomics harmonised by ComBat first)",
@@ -135,6 +142,9 @@ class RunConfig:
             raise ConfigError(f"run config: 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         if not self.dp_delta < 1.0:
             raise ConfigError(f"run config: 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+        if not 0 < self.secagg_reconstruction_threshold <= 1:
+            raise ConfigError("run config: 'secagg-reconstruction-threshold' must be in (0, 1], got "
+                              f"{self.secagg_reconstruction_threshold}")
         if self.secagg and (self.strategy == "fedadam" or self.central_dp_noise > 0 or self.fraction_train < 1):
             raise ConfigError("run config: 'secagg' works with strategy fedavg or fedprox, every site training "
                               "(fraction-train 1) and no central DP: the server only sees the masked sum")

@@ -17,6 +17,7 @@ import yaml
 
 from hccfed.common.errors import ConfigError
 from hccfed.common.plan import PLANNED_KEYS
+from hccfed.common.privacy_policy import PrivacyPolicy, parse_privacy_policy
 from hccfed.common.run_config import NORMALISATIONS
 from hccfed.common.schema import LABS, PHASES, image_column
 
@@ -112,6 +113,8 @@ class SiteConfig:
     manifest_encoding: str = "utf-8"
     #: the preprocessing keys the YAML sets itself (the federation plan sets the others of PLANNED_KEYS)
     preprocessing_set: tuple[str, ...] = ()
+    #: what may leave this site (the YAML's ``privacy:`` section, common/privacy_policy.py)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     @property
     def input_roots(self) -> tuple[Path, ...]:
@@ -265,7 +268,7 @@ def _check_containment(config: SiteConfig, where: str) -> None:
 
 
 _KNOWN_KEYS = ("site_id", "data_root", "manifest", "manifest_encoding", "allowed_roots", "phases", "mask_column",
-               "mask_phase", "mask_labels", "labs", "treatment", "cache_dir", "preprocessing")
+               "mask_phase", "mask_labels", "labs", "treatment", "cache_dir", "preprocessing", "privacy")
 
 
 def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
@@ -328,6 +331,7 @@ def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
         mask_labels=_parse_mask_labels(raw.get("mask_labels"), where),
         allowed_roots=allowed,
         manifest_encoding=encoding,
+        privacy=parse_privacy_policy(raw.get("privacy"), where),
     )
     _check_containment(config, where)
     return config
@@ -402,5 +406,6 @@ def site_config_to_yaml(config: SiteConfig) -> str:
         "preprocessing": {f.name: getattr(config.preprocessing, f.name) for f in fields(Preprocessing)
                           if f.name not in PLANNED_KEYS or f.name in config.preprocessing_set},
         "labs": {k: {"unit": v.unit, "lower": v.lower, "upper": v.upper} for k, v in config.labs.items()},
+        "privacy": config.privacy.to_dict(),
     }
     return yaml.safe_dump(raw, sort_keys=False)

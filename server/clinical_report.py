@@ -136,12 +136,16 @@ def write_pooled_report(figures: dict, out_dir: Path) -> Path:
     intro = ("All figures are computed from the sites' summary tables (each distinct score, risk and "
              "(time, score) with its counts); no patient row was pooled. "
              + ("The tables are exact: every figure equals the per-patient figure of the pooled rows."
-                if exact else "The tables are noisy (differential privacy): the figures carry that noise."))
+                if exact else "The tables are noisy (differential privacy): the figures carry that noise, and the pooled "
+                "AUC's and C-index's intervals account for it (a parametric bootstrap over the Laplace noise, "
+                "combined with DeLong's sampling variance for the AUC)."))
     if site_rows:
         md += ["## Per site", "", markdown_table(site_rows), ""]
         parts += ["<h2>Per site</h2>", html_table(site_rows)]
     privacy_rows = [{"site": site, "differential privacy": (f"epsilon {fmt(p['epsilon_total'], 2)} in all "
-                                                            f"({fmt(p['epsilon_per_model'], 2)} per model); {p['mechanism']}"
+                                                            f"({fmt(p['epsilon_per_model'], 2)} per model), delta "
+                                                            f"{p.get('delta', 0.0):g}, {p.get('neighbouring', 'add / remove one patient')}; "
+                                                            f"{p['mechanism']}; noise: {p.get('noise_source', 'not stated')}"
                                                             if isinstance(p, dict) else str(p))}
                     for site, p in figures.get("privacy", {}).items()]
     if privacy_rows:

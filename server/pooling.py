@@ -33,6 +33,7 @@ from hccfed.common.metrics.summaries import AUC_KEYS, check_summary, pool_summar
 from hccfed.common.metrics.summary_checks import (MinimumCells, check_minimum, check_totals, content_fingerprint,
                                                   refuse_duplicates, summary_totals)
 from hccfed.common.metrics.summary_codec import SITE_FORMAT, decode_arrays
+from hccfed.common.metrics.summary_dp_intervals import noise_aware_intervals
 from hccfed.common.metrics.summary_dp import DPGrid
 from hccfed.server.pooled_figures import jsonable, model_figures, try_figure
 
@@ -148,6 +149,24 @@ def _paired(sites: list[dict], pooled: dict[str, dict], models: list[str]) -> di
     return {"status": "computed", "tests": with_holm(tests)}
 
 
+def _with_noise(figures: dict, sites: list[dict], model: str, pooled: dict, alpha: float) -> None:
+    """DP summaries: the pooled AUC's interval widened by the Laplace noise's error, the C-index given the
+    noise's interval (common/metrics/summary_dp_intervals.py); the sampling-only interval is kept beside."""
+    epsilons = [float(s["privacy"]["epsilon_per_model"]) / 3.0 for s in sites]  # each cell's Laplace epsilon
+    noisy = try_figure(lambda: noise_aware_intervals([s["models"][model] for s in sites], sites[0]["grid"],
+                                                     epsilons, pooled, alpha))
+    if "error" in noisy:
+        figures["noise_intervals"] = noisy
+        return
+    auc, c_index = figures.get("auc", {}), figures.get("c_index", {})
+    if "error" not in auc:
+        auc.update({"ci_lower_sampling_only": auc["ci_lower"], "ci_upper_sampling_only": auc["ci_upper"],
+                    "se_noise": noisy["auc"]["se_noise"], "ci_lower": noisy["auc"]["ci_lower"],
+                    "ci_upper": noisy["auc"]["ci_upper"], "ci_accounts_for_noise": True})
+    if "error" not in c_index:
+        c_index.update({k: noisy["c_index"][k] for k in ("se_noise", "ci_lower", "ci_upper")})
+
+
 def with_holm(tests: list[dict]) -> list[dict]:
     """The paired tests with ``p_holm``: Holm-adjusted over the family of tests given (missing p: None)."""
     p = np.array([t.get("p_value", np.nan) for t in tests], dtype=float)
@@ -183,8 +202,11 @@ def pool_report(sites: list[dict], alpha: float = 0.05, thresholds: dict[str, fl
         thr = thresholds.get(m, thresholds.get("*"))
         per_site = {s["site_id"]: model_figures(s["models"][m], thr, "declared before pooling", alpha)
                     for s in sites}
+        pooled_figures = model_figures(pooled[m], thr, "declared before pooling", alpha)
+        if not exact:
+            _with_noise(pooled_figures, sites, m, pooled[m], alpha)
         figures["models"][m] = {"probabilities_from": sorted({str(s["prob_source"][m]) for s in sites}),
-                                "pooled": model_figures(pooled[m], thr, "declared before pooling", alpha),
+                                "pooled": pooled_figures,
                                 "per_site": per_site, "meta_analysis_auc": _meta(per_site)}
     figures["paired_delong"] = _paired(sites, pooled, models)
     requests = {}

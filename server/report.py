@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hccfed.server import clinical_report
+from hccfed.server import clinical_report, privacy_report
 from hccfed.server.radiomics_selection import report_sections
 from hccfed.server.report_format import fmt, html_page, html_table, markdown_table
 
@@ -133,7 +133,10 @@ PRIVACY_NOTE = (
     "What left each hospital: model weights in each training round, and at evaluation tables of its "
     "predictions (each distinct prediction with its counts, unlinked from ids and from each other; at most one "
     "row per patient). Epsilon is the DP-SGD budget each site's accountant reported in its last round (RDP "
-    "accountant, Opacus); a site stops training when it is spent. The evaluation tables are exact counts."
+    "accountant, Opacus); a site stops training when it is spent. It covers the weights only: the evaluation "
+    "tables, the fingerprint, the statistics (and, without DP, the training loss) are exact releases, listed "
+    "per site in the next section; the DP model's radiomics inputs were chosen by the exact (non-private) "
+    "federated LASSO."
 )
 
 
@@ -164,6 +167,9 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
         md += ["## Privacy: what each hospital sent and spent", "", markdown_table(privacy_rows), "", PRIVACY_NOTE, ""]
         parts += ["<h2>Privacy: what each hospital sent and spent</h2>", html_table(privacy_rows),
                   f"<p class='note'>{html.escape(PRIVACY_NOTE)}</p>"]
+    releases_md, releases_html = privacy_report.sections(metrics.get("privacy"))
+    md += releases_md
+    parts += releases_html
     run_config = metrics.get("models", {}).get("federated", {}).get("run_config")
     if run_config:
         parts += ["<h2>Run configuration</h2>", _definition_list(run_config)]

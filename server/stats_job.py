@@ -20,6 +20,7 @@ from hccfed.common.run_config import RunConfig
 from hccfed.common.stats.icc import ICC_PATIENTS_PER_SITE, PERTURBED_READER_SEED
 from hccfed.server.audit import AuditingGrid
 from hccfed.server.classical_models import results_json, run_classical_models
+from hccfed.server.privacy_releases import ReleaseCollectingGrid, privacy_json
 from hccfed.server.stats_messages import FlowerSend
 
 LOG = logging.getLogger("flwr")
@@ -37,14 +38,21 @@ def run_federated_stats(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[st
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     harmonize = config.job == "stats-combat"
-    send = FlowerSend(AuditingGrid(grid, run_dir / "messages_audit.jsonl"), SETUP,
-                      n_sites=len(config.site_configs) or None)
+    grid = ReleaseCollectingGrid(AuditingGrid(grid, run_dir / "messages_audit.jsonl"))
+    send = FlowerSend(grid, SETUP, n_sites=len(config.site_configs) or None)
     LOG.info("federated statistics: CR / R / RCR over %d sites%s", len(send.node_ids),
              ", radiomics harmonised by ComBat" if harmonize else "")
     started = time.time()
-    result = run_classical_models(send, N_FOLDS, harmonize)
+    try:
+        result = run_classical_models(send, N_FOLDS, harmonize)
+    except RuntimeError:
+        if grid.refusals:  # a site's privacy policy forbids exact statistics: the job cannot be exact without it
+            (run_dir / RESULTS_FILE).write_text(json.dumps({"run_config": config.to_flwr(),
+                                                            "privacy": privacy_json(grid)}, indent=2))
+            LOG.error("federated statistics stopped: %s", "; ".join(r["reason"] for r in grid.refusals))
+        raise
     out = {"run_config": config.to_flwr(), "harmonize": harmonize, "seconds": time.time() - started,
-           "requests": send.rounds, **results_json(result)}
+           "requests": send.rounds, **results_json(result), "privacy": privacy_json(grid)}
     for key, model in out["models"].items():
         LOG.info("federated statistics: %s test AUC %s, features %s", key, model["test"].get("auc"), model["features"])
     (run_dir / RESULTS_FILE).write_text(json.dumps(out, indent=2))

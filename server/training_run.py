@@ -40,6 +40,7 @@ from hccfed.server.audit import AuditingGrid
 from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
 from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
 from hccfed.server.plan_step import agree_plan
+from hccfed.server.privacy_releases import ReleaseCollectingGrid, privacy_json, refusal_of
 from hccfed.server.secagg import SecureAggregator
 from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from hccfed.server.update_validation import reply_site_id, validate_train_replies
@@ -102,6 +103,10 @@ def train_one_round(strategy: Strategy, grid: Any, server_round: int, arrays: Ar
     """Send, check the replies, aggregate; returns the new global arrays (unchanged if none was sound)."""
     messages = strategy.configure_train(server_round, arrays, _round_config(train_config), grid)
     replies = list(grid.send_and_receive(messages))
+    refused = [r for r in map(refusal_of, replies) if r is not None]
+    if replies and len(refused) == len(replies):
+        raise ConfigError(f"round {server_round}: every site refused to train: "
+                          + "; ".join(reason for _, reason in refused))
     for msg in replies:
         if reply_site_id(msg) != "unknown":
             progress.node_sites[int(msg.metadata.src_node_id)] = reply_site_id(msg)
@@ -154,7 +159,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     config = RunConfig.from_mapping(run_config_raw)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    grid = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
+    grid = ReleaseCollectingGrid(AuditingGrid(grid, run_dir / "messages_audit.jsonl"))
     n_sites = max(1, len(config.site_configs))
     plan, fingerprints = agree_plan(grid, config, n_sites)  # before anything is trained: every site accepts
     atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
@@ -175,7 +180,8 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
         LOG.info("resuming %s after round %d", run_dir, checkpoint["round"])
     train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
                                  "plan": plan.to_json()})
-    aggregator = SecureAggregator(n_sites) if config.secagg else None
+    aggregator = (SecureAggregator(n_sites, reconstruction_threshold=config.secagg_reconstruction_threshold)
+                  if config.secagg else None)
     if aggregator is not None and config.strategy == "fedprox":
         train_config["proximal-mu"] = config.proximal_mu  # FedProx's configure_train is bypassed
     started = time.time()
@@ -221,6 +227,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
         "rejected_replies": progress.rejected,
         "test": test_figures,
         "test_per_site": per_site,
+        "privacy": privacy_json(grid),
         "figures": pooled_clinical_figures([{k: c["clinical"][k].numpy() for k in c["clinical"]}
                                             for c in contents if "clinical" in c]),
     }

@@ -54,13 +54,21 @@ def dp_spent_per_site(audit_path: Path) -> dict[str, float]:
 def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per federated model and site: what the site sent and the DP-SGD budget it spent (the report's
     privacy table). Read from each run's saved config and the server's audit figures."""
-    runs = {}
+    runs, releases, refusals, other = {}, {}, {}, []
     for name, entry in models.items():
+        if name.endswith("(federated)") and "features" in entry and "run_config" not in entry:
+            other.append(name)  # the seeds' classical models: exact statistics, in this process (no Flower run)
         config = entry.get("run_config")
         if config is None or "bytes_sent_per_round" not in entry:
             continue
         run = RunConfig.from_mapping(config)
-        spent = entry.get("dp_epsilon_spent_per_site", {})
+        reported = entry.get("privacy") or {}
+        releases[name], refusals[name] = reported.get("releases", {}), reported.get("refusals", [])
+        spent = dict(entry.get("dp_epsilon_spent_per_site", {}))
+        for site, entries in releases[name].items():  # under SecAgg+ no metric is sent: the ledger's figure
+            dp = [e["epsilon"] for e in entries if e["mechanism"] == "dp-sgd" and e.get("epsilon") is not None]
+            if dp and site not in spent:
+                spent[site] = max(dp)
         runs[name] = {
             "dp_sgd": {"target_epsilon": run.dp_epsilon, "delta": run.dp_delta, "max_grad_norm": run.dp_max_grad_norm}
             if run.dp_epsilon > 0 else None,
@@ -69,7 +77,12 @@ def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "secure_aggregation": "SecAgg+" if run.secagg else None,
             "sites": {site: {"bytes_sent_per_round": sent, "dp_sgd_epsilon_spent": spent.get(site)}
                       for site, sent in entry["bytes_sent_per_round"].items()}}
-    return {"runs": runs,
+    sites = sorted({site for by_site in releases.values() for site in by_site})
+    other_releases = [{"job": job, "site": site, "release": "statistics (sums, gradients, Hessians, ComBat moments, "
+                       "test tables)", "mechanism": "none", "guarantee": "none: exact aggregates, computed in this "
+                       "process by the simulation (no Flower message, so not in the site's ledger)"}
+                      for job in other for site in sites]
+    return {"runs": runs, "releases": releases, "refusals": refusals, "other_releases": other_releases,
             "evaluation_summaries": "exact tables of the distinct test predictions with their counts (no patient id, no row)"}
 
 

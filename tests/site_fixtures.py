@@ -21,9 +21,16 @@ def tiny_profiles():
     return tuple(dataclasses.replace(s, n_patients=TINY_SIZES[s.site_id]) for s in DEFAULT_SITES)
 
 
-def write_site_yamls(data_dir: Path, cache_dir: Path, out_dir: Path, profiles) -> list[Path]:
-    return [relocated_site_config(p.config_path, data_dir / p.site_id, cache_dir / p.site_id,
-                                  out_dir / f"{p.site_id}.yaml").source for p in profiles]
+def write_site_yamls(data_dir: Path, cache_dir: Path, out_dir: Path, profiles, min_cell_size: int = 1) -> list[Path]:
+    """The profiles' YAMLs relocated; the tiny cohort's splits hold a few patients, so its privacy policy's
+    ``min_cell_size`` is 1 unless given."""
+    out = []
+    for p in profiles:
+        config = load_site_config(p.config_path)
+        config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, min_cell_size=min_cell_size))
+        out.append(relocated_site_config(config, data_dir / p.site_id, cache_dir / p.site_id,
+                                         out_dir / f"{p.site_id}.yaml").source)
+    return out
 
 
 def private_site_copy(site_yaml: Path, tmp_path: Path) -> SiteConfig:

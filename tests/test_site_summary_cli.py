@@ -348,7 +348,7 @@ def test_epsilon_makes_every_table_noisy_with_a_bounded_error(tmp_path, capsys) 
         dp_files.append(tmp_path / f"dp{k}.json")
         assert main(["site-summary", "--predictions", str(path), "--out", str(site_files[-1]), "--site-id", f"H{k}"]) == 0
         assert main(["site-summary", "--predictions", str(path), "--out", str(dp_files[-1]), "--site-id", f"H{k}",
-                     "--epsilon", "1", "--seed", str(k)]) == 0
+                     "--epsilon", "1", "--test-noise-seed", str(k)]) == 0
     doc = json.loads(dp_files[0].read_text())
     assert doc["protocol"] == "dp-laplace"
     assert doc["privacy"]["epsilon_per_model"] == 3.0 and doc["privacy"]["epsilon_total"] == 9.0
@@ -360,6 +360,12 @@ def test_epsilon_makes_every_table_noisy_with_a_bounded_error(tmp_path, capsys) 
     noisy = json.loads((tmp_path / "dp" / "figures.json").read_text())["models"]["a"]["pooled"]
     assert abs(noisy["auc"]["auc"] - exact["auc"]["auc"]) < 0.03
     assert abs(noisy["c_index"]["c_index"] - exact["c_index"]["c_index"]) < 0.12
+    # The pooled intervals account for the noise: wider than DeLong's sampling-only interval.
+    auc = noisy["auc"]
+    assert auc["ci_accounts_for_noise"] and auc["se_noise"] > 0
+    assert auc["ci_upper"] - auc["ci_lower"] > auc["ci_upper_sampling_only"] - auc["ci_lower_sampling_only"]
+    assert noisy["c_index"]["ci_lower"] < noisy["c_index"]["c_index"] < noisy["c_index"]["ci_upper"]
+    assert doc["privacy"]["delta"] == 0.0 and doc["privacy"]["neighbouring"] == "add / remove one patient"
     assert "epsilon 9.00 in all" in (tmp_path / "dp" / "report.html").read_text()
     # exact and noisy summaries do not mix; placement sums are exact, so no paired test under DP
     assert main(["pool-summaries", str(site_files[0]), str(dp_files[1]), "--out", str(tmp_path / "mix")]) == 2
@@ -373,3 +379,29 @@ def test_epsilon_makes_every_table_noisy_with_a_bounded_error(tmp_path, capsys) 
     assert f"site h0, model 'a': {outside} patients' scores lie outside the DP grid's range [-2.0, 2.0]" in \
         capsys.readouterr().err
     assert not (tmp_path / "y.json").exists()
+
+
+def test_dp_noise_is_fresh_unless_an_explicit_test_seed_is_given(tmp_path) -> None:
+    """Without --test-noise-seed two releases of the same CSV differ (OS entropy); with it they are equal,
+    and the summary says it is a test release, not a private one."""
+    rng = np.random.default_rng(2)
+    n = 200
+    y = rng.integers(0, 2, n)
+    score = (y - 0.5) + rng.normal(size=n)
+    rows = {"ids": [f"P{i}" for i in range(n)], "y": y, "t": rng.uniform(1, 80, n).round(1), "e": y,
+            "scores": {m: np.clip(score, -4.9, 4.9) for m in MODELS}, "probs": {"b": expit(score)}}
+    path = _write_csv(tmp_path / "h.csv", rows, np.arange(n))
+
+    def release(name, *extra):
+        assert main(["site-summary", "--predictions", str(path), "--out", str(tmp_path / name), "--site-id", "H",
+                     "--epsilon", "1", *extra]) == 0
+        return json.loads((tmp_path / name).read_text())
+
+    fresh = [release(f"fresh{k}.json") for k in range(2)]
+    assert fresh[0]["models"] != fresh[1]["models"]
+    assert fresh[0]["privacy"]["noise_source"] == "operating system entropy"
+    seeded = [release(f"seeded{k}.json", "--test-noise-seed", "4") for k in range(2)]
+    assert seeded[0]["models"] == seeded[1]["models"]
+    assert "TEST MODE" in seeded[0]["privacy"]["noise_source"] and "NOT private" in seeded[0]["privacy"]["noise_source"]
+    assert main(["site-summary", "--predictions", str(path), "--out", str(tmp_path / "x.json"),
+                 "--test-noise-seed", "4"]) == 2  # a seed without --epsilon is an error

@@ -64,3 +64,29 @@ def exponential_hazards_nll(log_risk: torch.Tensor, times: torch.Tensor, events:
     log_hazard = torch.clamp(log_risk, max=30.0) + float(np.log(baseline_per_year))
     exposure = times.to(log_risk.dtype) / 12.0
     return (torch.exp(log_hazard) * exposure - events.to(log_risk.dtype) * log_hazard).mean()
+
+
+def per_sample_dp_loss(logits: torch.Tensor, log_risk: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
+                       events: torch.Tensor, pos_weight: float, cox_weight: float,
+                       expected_batch: float) -> torch.Tensor:
+    """DP-SGD's loss: a sum over the batch of per-patient terms divided by a fixed normaliser.
+
+    Patient i contributes w_i * BCE_i (when its label is known; w_i = ``pos_weight`` for a
+    positive, 1 for a negative) plus ``cox_weight`` times its exponential-hazards term; the sum
+    is divided by ``expected_batch`` (the Poisson sampling's expected batch size), a constant of
+    the run, never by the realised number of patients or of known labels: so patient i's
+    gradient depends on patient i alone and DP-SGD's per-sample clipping bounds its influence.
+    """
+    if not expected_batch > 0:
+        raise ValueError(f"expected_batch must be > 0, got {expected_batch}")
+    known = (labels >= 0).to(logits.dtype)
+    target = torch.clamp(labels, min=0).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    weight = torch.where(target > 0, torch.full_like(bce, float(pos_weight)), torch.ones_like(bce))
+    total = (bce * weight * known).sum()
+    if cox_weight:
+        log_hazard = torch.clamp(log_risk, max=30.0) + float(np.log(PRIOR_ANNUAL_HAZARD))
+        exposure = times.to(log_risk.dtype) / 12.0
+        total = total + cox_weight * (torch.exp(log_hazard) * exposure
+                                      - events.to(log_risk.dtype) * log_hazard).sum()
+    return total / float(expected_batch)

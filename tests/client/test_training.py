@@ -86,17 +86,26 @@ def test_fedprox_term_keeps_weights_nearer_the_global_model():
     assert drift[100.0] < drift[0.0]
 
 
+DP = dict(batch_size=4, positive_weight=1.0)
+
+
 @pytest.mark.parametrize("encoder", ["cnn", "resnet10", "vit"])
-def test_dp_sgd_trains_every_encoder_reproducibly_in_hooks_mode(encoder):
+def test_dp_sgd_trains_every_encoder_with_secret_noise_in_hooks_mode(encoder):
+    """Two DP trainings with the same seed give different weights (the sampling and the noise come from OS
+    entropy, not from anything the coordinator knows); two trainings without DP are bit-identical."""
     data = _data()
-    runs = []
+    runs, plain = [], []
     for _ in range(2):
         model = _model(encoder)
-        metrics = _train(model, data, TrainSettings(batch_size=4), PrivateTraining(1.0, 1.0))
+        metrics = _train(model, data, TrainSettings(**DP), PrivateTraining(1.0, 1.0))
         runs.append((model.state_dict(), metrics))
+        reference = _model(encoder)
+        _train(reference, data, TrainSettings(batch_size=4))
+        plain.append(reference.state_dict())
     (a, metrics), (b, _) = runs
     assert metrics["dp-steps"] == steps_per_epoch(len(data), 4) and np.isfinite(metrics["loss"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.equal(plain[0][k], plain[1][k]) for k in plain[0])
     assert not any(k.startswith("_module") for k in a)  # the plain model's keys, not Opacus' wrapper's
     assert any(not torch.equal(a[k], v) for k, v in _model(encoder).state_dict().items())
 
@@ -104,8 +113,8 @@ def test_dp_sgd_trains_every_encoder_reproducibly_in_hooks_mode(encoder):
 def test_dp_noise_changes_the_update():
     data = _data()
     quiet, noisy = _model(), _model()
-    _train(quiet, data, TrainSettings(batch_size=4), PrivateTraining(1e-3, 1.0))
-    _train(noisy, data, TrainSettings(batch_size=4), PrivateTraining(5.0, 1.0))
+    _train(quiet, data, TrainSettings(**DP), PrivateTraining(1e-3, 1.0))
+    _train(noisy, data, TrainSettings(**DP), PrivateTraining(5.0, 1.0))
     assert any(not torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), noisy.state_dict().values()))
 
 
@@ -143,7 +152,66 @@ def test_dp_sgd_trains_the_risk_head_with_a_per_patient_survival_loss():
     data = SplitData(images=images, clinical=clinical, labels=torch.full((n,), -1), times=times, events=events,
                      patient_ids=np.arange(n).astype(str), site_ids=np.full(n, "a"))
     model = build_model("none", 5, 7, seed=0)
-    _train(model, data, TrainSettings(batch_size=16, epochs=15, learning_rate=0.01, cox_weight=1.0),
-           PrivateTraining(0.3, 5.0))
+    _train(model, data, TrainSettings(batch_size=16, epochs=15, learning_rate=0.01, cox_weight=1.0,
+                                      positive_weight=1.0), PrivateTraining(0.3, 5.0))
     _, log_risk = model.eval()(images, clinical)
     assert harrell_c_index(times.numpy(), events.numpy(), log_risk.detach().numpy()) > 0.7
+
+
+def test_dp_sgd_requires_a_configured_class_weight():
+    with pytest.raises(ValueError, match="class weight must come from configuration"):
+        _train(_model(), _data(), TrainSettings(batch_size=4), PrivateTraining(1.0, 1.0))
+
+
+def _dp_loss(logits, log_risk, labels, times, events):
+    from hccfed.common.models.losses import per_sample_dp_loss
+
+    return per_sample_dp_loss(logits, log_risk, labels, times, events, 2.0, 0.5, 4.0)
+
+
+def _mean_loss(logits, log_risk, labels, times, events):
+    """The former DP loss: means over the batch's known labels and patients."""
+    from hccfed.common.models.losses import exponential_hazards_nll, weighted_bce
+
+    return weighted_bce(logits, labels, 2.0) + 0.5 * exponential_hazards_nll(log_risk, times, events)
+
+
+def _clipped_grad_of_first(model, data, rows, loss_fn=_dp_loss, clip=1.0 / 4.0):
+    """Sample rows[0]'s clipped per-sample gradient (Opacus' GradSampleModule in the "sum" mode
+    PrivateTraining uses, clipped at max_grad_norm / expected batch, as DP-SGD computes it) when it is
+    trained in a batch with the other ``rows``."""
+    from opacus import GradSampleModule
+
+    for p in model.parameters():
+        p.grad_sample, p.grad = None, None  # Opacus accumulates per-sample gradients across backward passes
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    idx = torch.tensor(rows)
+    logits, log_risk = wrapped(data.images[idx], data.clinical[idx], None)
+    loss = loss_fn(logits, log_risk, data.labels[idx], data.times[idx], data.events[idx])
+    wrapped.zero_grad()
+    loss.backward()
+    params = [p for p in wrapped.parameters() if p.requires_grad and getattr(p, "grad_sample", None) is not None]
+    per_sample = torch.cat([p.grad_sample.reshape(len(rows), -1) for p in params], dim=1)
+    norms = per_sample.norm(dim=1, keepdim=True)
+    clipped = per_sample * torch.clamp(clip / (norms + 1e-6), max=1.0)
+    wrapped._close()
+    return clipped[0]
+
+
+def test_one_samples_clipped_gradient_does_not_depend_on_the_rest_of_its_batch():
+    """The DP loss sums per-patient terms over a fixed normaliser: patient 0's clipped gradient is the same
+    whoever shares its batch (here batches of 3 and 5 patients with different known labels)."""
+    data = _data(n=12)
+    data.labels[:] = torch.tensor([1, 0, -1, 1, 1, 0, 0, -1, 1, 0, 1, -1])
+    model = _model("cnn")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the comparison is of the loss, not of random dropout masks
+    for clip in (1.0, 1e6):  # clipped as DP-SGD does, and unclipped
+        first = _clipped_grad_of_first(model, data, [0, 1, 2], clip=clip)
+        second = _clipped_grad_of_first(model, data, [0, 5, 7, 9, 11], clip=clip)
+        assert first.abs().sum() > 0
+        torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-7)
+    # The former loss (means over the batch) fails this: its normaliser is the other patients'.
+    old = [_clipped_grad_of_first(model, data, rows, _mean_loss, 1e6) for rows in ([0, 1, 2], [0, 5, 7, 9, 11])]
+    assert not torch.allclose(old[0], old[1], rtol=1e-3)

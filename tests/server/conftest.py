@@ -14,7 +14,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -63,7 +64,11 @@ class InProcessGrid:
             self.sent.append(msg)
             # A real transport serialises: each node gets its own copy of the content.
             received = copy.deepcopy(msg)
-            reply = copy.deepcopy(self.client_app(received, self.contexts[msg.metadata.dst_node_id]))
+            try:
+                reply = copy.deepcopy(self.client_app(received, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:  # as Flower's runtime does: a ClientApp that raises sends an error reply
+                reply = Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                            reason=f"{type(err).__name__}: {err}"), reply_to=received)
             if self.tamper is not None:
                 reply = self.tamper(reply)
             self._replies[message_id] = reply
