@@ -32,7 +32,7 @@ def _auc_with_ci(figures: dict[str, Any]) -> str:
 
 def model_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """One row per model: name, AUC with 95% CI, C-index, test counts, training patients."""
-    entries = [("oracle (true risk, not a model)", metrics["oracle"])]
+    entries = [("oracle (true risk, not a model)", metrics["oracle"])] if "oracle" in metrics else []
     models = metrics["models"]
     names = [n for n in ORDER if n in models] + sorted(n for n in models if n not in ORDER)
     entries += [(name, models[name]) for name in names]
@@ -61,7 +61,7 @@ def _per_site_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
         for site, figures in per_site.items():
             rows.append({"site": site, "tested on": tested_on, "test AUC (95% CI)": _auc_with_ci(figures),
                          "C-index": fmt(figures.get("c_index")),
-                         "patients (train/val/test)": "/".join(str(metrics["sites"].get(site, {}).get(s, "-"))
+                         "patients (train/val/test)": "/".join(str(metrics.get("sites", {}).get(site, {}).get(s, "-"))
                                                                for s in ("train", "val", "test"))})
     return rows
 
@@ -141,7 +141,10 @@ PRIVACY_NOTE = (
 
 
 def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
-    """Write report.md and report.html into ``run_dir``; returns the HTML path."""
+    """Write report.md and report.html into ``run_dir``; returns the HTML path.
+
+    The same report for a simulation (with the oracle row: the cohort's true risk) and for a deployed
+    ServerApp (server/run_summary.py: no oracle, the federated model only)."""
     rows = model_rows(metrics)
     site_rows = _per_site_rows(metrics)
     history = _history_line(metrics)

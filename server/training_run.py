@@ -41,6 +41,7 @@ from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
 from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
 from hccfed.server.plan_step import agree_plan
 from hccfed.server.privacy_releases import ReleaseCollectingGrid, privacy_json, refusal_of
+from hccfed.server.run_summary import write_coordinator_report
 from hccfed.server.secagg import SecureAggregator
 from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from hccfed.server.update_validation import reply_site_id, validate_train_replies
@@ -154,8 +155,11 @@ def check_resumable(run_dir: Path, config: RunConfig) -> None:
                           f"start a new run-dir or use the saved values in {run_dir / 'checkpoints' / 'run_config.json'}")
 
 
-def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Train (or resume), evaluate and save; returns what it wrote to ``federated.json``."""
+def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id: str = "") -> dict[str, Any]:
+    """Train (or resume), evaluate and save; returns what it wrote to ``federated.json``.
+
+    Beside it, the coordinator writes ``metrics.json`` and ``report.html`` (server/run_summary.py, the
+    same report as a simulation's, without an oracle row) and logs the pooled test figures."""
     config = RunConfig.from_mapping(run_config_raw)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,5 +235,6 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
         "figures": pooled_clinical_figures([{k: c["clinical"][k].numpy() for k in c["clinical"]}
                                             for c in contents if "clinical" in c]),
     }
-    (run_dir / "federated.json").write_text(json.dumps(out, indent=2, default=float))
+    atomic_write_text(run_dir / "federated.json", json.dumps(out, indent=2, default=float))
+    write_coordinator_report(run_dir, out, run_id or f"{run_dir.name}-{progress.run_token}")
     return out

@@ -1,5 +1,6 @@
 """One federated model of a simulation: a Flower run on a local SuperLink, its test figures, and
-what each site sent (bytes per round, DP-SGD epsilon spent) read from the server's message audit."""
+what each site sent (bytes per round, DP-SGD epsilon spent), read from the server's message audit
+(server/run_summary.py, which the deployed ServerApp uses too)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from hccfed.client.federated import model_for
 from hccfed.client.site import Site
 from hccfed.common.run_config import RunConfig
-from hccfed.server.audit import read_audit, train_bytes_per_site
+from hccfed.server.run_summary import bytes_sent_per_round, dp_spent_per_site
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test
 from hccfed.simulation.flower_runner import flwr_run
 from hccfed.simulation.settings import REPO_ROOT
@@ -31,59 +32,6 @@ def describe_privacy(run: RunConfig) -> str:
     if run.secagg:
         parts.append("SecAgg+")
     return (", " + ", ".join(parts)) if parts else ""
-
-
-def bytes_sent_per_round(audit_path: Path, rounds: int) -> dict[str, float]:
-    """Mean bytes each site sent in its training replies per round, from the server's audit log."""
-    per_site = train_bytes_per_site(read_audit(audit_path))
-    return {site: sum(values) / rounds for site, values in sorted(per_site.items())}
-
-
-def dp_spent_per_site(audit_path: Path) -> dict[str, float]:
-    """The last epsilon each site reported in its training replies (from the server's audit log)."""
-    entries = read_audit(audit_path)
-    names = {e["src_node_id"]: e["site_id"] for e in entries if e.get("site_id")}
-    spent: dict[str, float] = {}
-    for entry in entries:
-        metrics = entry["metric_records"].get("metrics", {})
-        if entry["message_type"] == "train" and "dp-epsilon" in metrics:
-            spent[names.get(entry["src_node_id"], str(entry["src_node_id"]))] = float(metrics["dp-epsilon"])
-    return dict(sorted(spent.items()))
-
-
-def privacy_summary(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per federated model and site: what the site sent and the DP-SGD budget it spent (the report's
-    privacy table). Read from each run's saved config and the server's audit figures."""
-    runs, releases, refusals, other = {}, {}, {}, []
-    for name, entry in models.items():
-        if name.endswith("(federated)") and "features" in entry and "run_config" not in entry:
-            other.append(name)  # the seeds' classical models: exact statistics, in this process (no Flower run)
-        config = entry.get("run_config")
-        if config is None or "bytes_sent_per_round" not in entry:
-            continue
-        run = RunConfig.from_mapping(config)
-        reported = entry.get("privacy") or {}
-        releases[name], refusals[name] = reported.get("releases", {}), reported.get("refusals", [])
-        spent = dict(entry.get("dp_epsilon_spent_per_site", {}))
-        for site, entries in releases[name].items():  # under SecAgg+ no metric is sent: the ledger's figure
-            dp = [e["epsilon"] for e in entries if e["mechanism"] == "dp-sgd" and e.get("epsilon") is not None]
-            if dp and site not in spent:
-                spent[site] = max(dp)
-        runs[name] = {
-            "dp_sgd": {"target_epsilon": run.dp_epsilon, "delta": run.dp_delta, "max_grad_norm": run.dp_max_grad_norm}
-            if run.dp_epsilon > 0 else None,
-            "central_dp": {"noise_multiplier": run.central_dp_noise, "clipping_norm": run.central_dp_clipping_norm}
-            if run.central_dp_noise > 0 else None,
-            "secure_aggregation": "SecAgg+" if run.secagg else None,
-            "sites": {site: {"bytes_sent_per_round": sent, "dp_sgd_epsilon_spent": spent.get(site)}
-                      for site, sent in entry["bytes_sent_per_round"].items()}}
-    sites = sorted({site for by_site in releases.values() for site in by_site})
-    other_releases = [{"job": job, "site": site, "release": "statistics (sums, gradients, Hessians, ComBat moments, "
-                       "test tables)", "mechanism": "none", "guarantee": "none: exact aggregates, computed in this "
-                       "process by the simulation (no Flower message, so not in the site's ledger)"}
-                      for job in other for site in sites]
-    return {"runs": runs, "releases": releases, "refusals": refusals, "other_releases": other_releases,
-            "evaluation_summaries": "exact tables of the distinct test predictions with their counts (no patient id, no row)"}
 
 
 def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: EvaluationSets,

@@ -30,7 +30,8 @@ from hccfed.server.report import write_report
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.evaluation import (TestPredictions, describe_evaluation, evaluation_sets, oracle_figures,
                                           paired_delong_tests)
-from hccfed.simulation.federated_runs import federated_run, privacy_summary
+from hccfed.server.run_summary import privacy_summary
+from hccfed.simulation.federated_runs import federated_run
 from hccfed.simulation.references import clinical_logistic_regression, train_reference
 from hccfed.simulation.settings import SimulationSettings, effective_site_configs, ensure_cohort
 

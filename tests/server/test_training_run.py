@@ -72,6 +72,27 @@ def test_bad_reply_is_rejected_and_the_round_completes(tiny_cohort, tmp_path, in
     assert RunConfig.from_mapping(saved) == RunConfig.from_mapping(config)
 
 
+def test_the_coordinator_writes_the_report_and_metrics_of_a_deployed_run(tiny_cohort, tmp_path, in_process_grid,
+                                                                         caplog):
+    config = _run_config(tiny_cohort, tmp_path / "run")
+    with caplog.at_level("INFO", logger="flwr"):
+        out = run_federated_training(_grid(in_process_grid, tiny_cohort, config), config, run_id="flwr-run-7")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["run_id"] == "flwr-run-7" and "oracle" not in metrics
+    assert metrics["models"]["federated"]["test"]["auc"] == pytest.approx(out["test"]["auc"], abs=1e-12)
+    sites = {"hospital_a", "hospital_b", "hospital_c"}
+    assert set(metrics["models"]["federated"]["bytes_sent_per_round"]) == sites
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "hccfed run flwr-run-7" in report and "oracle" not in report
+    federated_row = next(line for line in report.splitlines() if line.startswith("| federated |"))
+    assert f"{out['test']['auc']:.3f}" in federated_row
+    assert all(f"| {site} |" in report for site in sites)  # per-site rows and the privacy section
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.lower().startswith("<!doctype html>") and "data:image/png;base64" in html
+    logged = caplog.text  # what `flwr run --stream` shows the person who started the run
+    assert f"AUC {out['test']['auc']:.3f}" in logged and f"C-index {out['test']['c_index']:.3f}" in logged
+
+
 def test_resumed_run_ends_with_the_same_weights(tiny_cohort, tmp_path, in_process_grid):
     # FedAdam's moments, the sites' own norm parameters and central DP's noise must all resume exactly.
     options = dict(strategy="fedadam", local_norm=True, central_dp_noise=0.05)
