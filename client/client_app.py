@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from hccfed.client.evaluation import CLINICAL_PREFIX
 from hccfed.client.federated import evaluate_round, train_round
+from hccfed.client.identify import identify_reply, is_identify_message
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
 from hccfed.client.site import NODE_SITES, Site, site_plan_problems
 from hccfed.common.plan import PLAN_RECORD, FederationPlan
@@ -71,6 +72,8 @@ def query(msg: Message, context: Context) -> Message:
     The site's rows for the classical models (clinical vector + radiomics, train / test split) come
     from its Site, built on the run's first request; the reply's arrays never have a patient axis.
     """
+    if is_identify_message(msg):
+        return identify_reply(msg, context)
     if PLAN_RECORD in msg.content:
         return _plan_step(msg, context)
     site, _ = _site(context)

@@ -40,6 +40,7 @@ from hccfed.server.audit import AuditingGrid
 from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
 from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
 from hccfed.server.plan_step import agree_plan
+from hccfed.server.roster import Roster, RosterGrid, min_sites, roster_sites
 from hccfed.server.secagg import SecureAggregator
 from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from hccfed.server.update_validation import reply_site_id, validate_train_replies
@@ -155,7 +156,11 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     grid = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
-    n_sites = max(1, len(config.site_configs))
+    expected = roster_sites(config)
+    roster = Roster(expected, min_sites(config, expected))
+    roster.wait(grid, config.roster_wait_s)  # identify every node; refuse unknown and duplicated site ids
+    grid = RosterGrid(grid, roster, config.reply_timeout_s)
+    n_sites = len(roster.nodes)
     plan, fingerprints = agree_plan(grid, config, n_sites)  # before anything is trained: every site accepts
     atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
                                                          "fingerprints": fingerprints}, indent=2))
@@ -164,6 +169,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any]) -> dict
     strategy = make_strategy(config, n_sites, evaluation)
     arrays = ArrayRecord(model.state_dict())
     progress = RunProgress(run_token=uuid.uuid4().hex[:12])
+    progress.node_sites.update(roster.nodes)
     start_round = 1
     checkpoint = load_checkpoint(run_dir) if config.resume else None
     if checkpoint is not None:
