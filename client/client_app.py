@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from hccfed.client.evaluation import CLINICAL_PREFIX
 from hccfed.client.federated import evaluate_round, train_round
+from hccfed.client.identify import identify_reply, is_identify_message
 from hccfed.client.privacy_guard import LEDGER_RECORD, PolicyRefusal, check_exact_release, ledger_record, \
     refusal_reply, site_ledger_record
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
@@ -81,6 +82,8 @@ def query(msg: Message, context: Context) -> Message:
     The site's rows for the classical models (clinical vector + radiomics, train / test split) come
     from its Site, built on the run's first request; the reply's arrays never have a patient axis.
     """
+    if is_identify_message(msg):
+        return identify_reply(msg, context)
     if PLAN_RECORD in msg.content:
         return _plan_step(msg, context)
     site, _ = _site(context)

@@ -65,6 +65,16 @@ class RunConfig:
         ("site_configs/hospital_a.yaml", "site_configs/hospital_b.yaml", "site_configs/hospital_c.yaml"),
         "site YAMLs of a simulation: the node with partition-id i serves the i-th (a deployed SuperNode "
         "names its own with --node-config \"site-config=...\")", cli=False)
+    sites: tuple[str, ...] = option((), "the roster: comma-separated site ids expected in the run; a node serving "
+                                    "another id, or an id already present, is refused (empty: the site ids of "
+                                    "'site-configs', as in a simulation)", group="federation", cli=False)
+    min_sites: int = option(0, "sites of the roster that must answer for a round to count (0: all)",
+                            group="federation", cli=False, minimum=0)
+    roster_wait_s: float = option(120.0, "seconds the server waits at the start (and before a retried round) for "
+                                  "the roster's sites to connect", group="federation", cli=False, minimum=0.0)
+    reply_timeout_s: float = option(3600.0, "seconds the server waits for the replies of one round's messages "
+                                    "(a site silent longer is counted as dropped)", group="federation", cli=False,
+                                    positive=True)
     run_dir: str = option("runs/flwr-run", "where the ServerApp writes the global model, checkpoints, "
                           "metrics and the message audit", cli=False)
     vit_patch_size: int = option(8, "ViT patch size (voxels)", group="model", minimum=1)

@@ -41,6 +41,7 @@ from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
 from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
 from hccfed.server.plan_step import agree_plan
 from hccfed.server.privacy_releases import ReleaseCollectingGrid, privacy_json, refusal_of
+from hccfed.server.roster import Roster, RosterGrid, min_sites, roster_sites
 from hccfed.server.run_summary import write_coordinator_report
 from hccfed.server.secagg import SecureAggregator
 from hccfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
@@ -163,8 +164,12 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     config = RunConfig.from_mapping(run_config_raw)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    grid = ReleaseCollectingGrid(AuditingGrid(grid, run_dir / "messages_audit.jsonl"))
-    n_sites = max(1, len(config.site_configs))
+    audited = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
+    expected = roster_sites(config)
+    roster = Roster(expected, min_sites(config, expected))
+    roster.wait(audited, config.roster_wait_s)  # identify every node; refuse unknown and duplicated site ids
+    grid = ReleaseCollectingGrid(RosterGrid(audited, roster, config.reply_timeout_s))
+    n_sites = len(roster.nodes)
     plan, fingerprints = agree_plan(grid, config, n_sites)  # before anything is trained: every site accepts
     atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
                                                          "fingerprints": fingerprints}, indent=2))
@@ -173,6 +178,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     strategy = make_strategy(config, n_sites, evaluation)
     arrays = ArrayRecord(model.state_dict())
     progress = RunProgress(run_token=uuid.uuid4().hex[:12])
+    progress.node_sites.update(roster.nodes)
     start_round = 1
     checkpoint = load_checkpoint(run_dir) if config.resume else None
     if checkpoint is not None:
