@@ -197,6 +197,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     started = time.time()
     for server_round in range(start_round, config.num_server_rounds + 1):
         LOG.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
+        roster.refresh(audited)  # a restarted SuperNode answers under a new node id: identified, it rejoins
         if aggregator is not None:
             arrays, train_metrics = secure_train_round(aggregator, grid, server_round, arrays, train_config)
         else:
@@ -235,6 +236,9 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
         "validation_history": evaluation.history,
         "train_history": progress.train_history,
         "rejected_replies": progress.rejected,
+        "roster": {"expected": list(roster.expected), "min_sites": roster.minimum,
+                   "admitted": {str(n): s for n, s in sorted(roster.nodes.items())},
+                   "refused": {str(n): s for n, s in sorted(roster.refused.items())}, "events": roster.events},
         "test": test_figures,
         "test_per_site": per_site,
         "privacy": privacy_json(grid),
