@@ -72,6 +72,9 @@ class RunConfig:
                             group="federation", cli=False, minimum=0)
     roster_wait_s: float = option(120.0, "seconds the server waits at the start (and before a retried round) for "
                                   "the roster's sites to connect", group="federation", cli=False, minimum=0.0)
+    round_retries: int = option(2, "times a round is retried when fewer than min-sites sites answered (after a "
+                                "bounded wait for them to rejoin); then the run stops naming them", group="federation",
+                                cli=False, minimum=0)
     reply_timeout_s: float = option(3600.0, "seconds the server waits for the replies of one round's messages "
                                     "(a site silent longer is counted as dropped)", group="federation", cli=False,
                                     positive=True)

@@ -155,7 +155,28 @@ class RosterGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         messages = [m for m in messages if int(m.metadata.dst_node_id) not in self.roster.refused]
-        return self._inner.send_and_receive(messages, timeout=self.timeout_s if timeout is None else timeout)
+        replies = list(self._inner.send_and_receive(messages, timeout=self.timeout_s if timeout is None else timeout))
+        return name_the_node(messages, replies, self.roster)
+
+
+def name_the_node(messages: list[Message], replies: list[Message], roster: Roster) -> list[Message]:
+    """An error reply the SuperLink writes for an unavailable node comes from the SuperLink itself; it is
+    re-addressed from the node the message went to, so that the log and the audit name that site. A message
+    that got no reply at all (the reply timeout) is logged by site."""
+    destination = {m.metadata.__dict__.get("_message_id"): int(m.metadata.dst_node_id) for m in messages}
+    answered = set()
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id)
+        if node is None:
+            continue
+        answered.add(node)
+        if int(reply.metadata.src_node_id) != node:
+            reply.metadata.__dict__["_src_node_id"] = node
+            if reply.has_error():
+                LOG.warning("site %s (node %d) did not answer: %s", roster.site_of(node), node, reply.error.reason)
+    for node in sorted(set(destination.values()) - answered):
+        LOG.warning("site %s (node %d) sent no reply within the reply timeout", roster.site_of(node), node)
+    return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -101,11 +101,14 @@ def _round_config(base: ConfigRecord, **values: Any) -> ConfigRecord:
 
 def train_one_round(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord,
                     train_config: ConfigRecord, progress: RunProgress, seed: int
-                    ) -> tuple[ArrayRecord, MetricRecord | None]:
-    """Send, check the replies, aggregate; returns the new global arrays (unchanged if none was sound)."""
+                    ) -> tuple[ArrayRecord, MetricRecord | None, int]:
+    """Send, check the replies, aggregate; returns the new global arrays (unchanged if none was sound), the
+    metrics and how many sites answered (a refusal or an unsound update is an answer; a node unavailable,
+    a timeout or a crashed ClientApp is not)."""
     messages = strategy.configure_train(server_round, arrays, _round_config(train_config), grid)
     replies = list(grid.send_and_receive(messages))
     refused = [r for r in map(refusal_of, replies) if r is not None]
+    answered = sum(1 for r in replies if not r.has_error() or refusal_of(r) is not None)
     if replies and len(refused) == len(replies):
         raise ConfigError(f"round {server_round}: every site refused to train: "
                           + "; ".join(reason for _, reason in refused))
@@ -119,11 +122,31 @@ def train_one_round(strategy: Strategy, grid: Any, server_round: int, arrays: Ar
                           for r in rejected]
     if not accepted:
         LOG.warning("round %d: no sound training reply; the global model is unchanged", server_round)
-        return arrays, None
+        return arrays, None, answered
     # Central DP draws its noise from numpy's global generator: seed it per round for reproducibility.
     np.random.seed(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
     new_arrays, metrics = strategy.aggregate_train(server_round, accepted)
-    return (new_arrays if new_arrays is not None else arrays), metrics
+    return (new_arrays if new_arrays is not None else arrays), metrics, answered
+
+
+def train_round_with_retries(strategy: Strategy, grid: Any, roster: Roster, audited: Any, server_round: int,
+                             arrays: ArrayRecord, train_config: ConfigRecord, progress: RunProgress,
+                             config: RunConfig) -> tuple[ArrayRecord, MetricRecord | None]:
+    """A round counts when at least the roster's minimum of sites answered; otherwise it is retried (the
+    strategy's state restored) once the missing sites are back or ``roster-wait-s`` has passed, at most
+    ``round-retries`` times; then the run stops with the sites that were missing."""
+    for attempt in range(config.round_retries + 1):
+        roster.wait(audited, config.roster_wait_s)  # missing sites: a bounded wait for them to rejoin
+        saved = strategy_state(strategy)
+        new_arrays, metrics, answered = train_one_round(strategy, grid, server_round, arrays, train_config,
+                                                        progress, config.seed)
+        if answered >= roster.minimum:
+            return new_arrays, metrics
+        restore_strategy_state(strategy, saved)
+        LOG.warning("round %d: %d site(s) answered, %d needed (min-sites); %s", server_round, answered,
+                    roster.minimum, "retrying the round" if attempt < config.round_retries else "giving up")
+    raise ConfigError(f"round {server_round}: fewer than min-sites ({roster.minimum}) sites answered in "
+                      f"{config.round_retries + 1} attempts; missing now: {roster.missing()}")
 
 
 def secure_train_round(aggregator: SecureAggregator, grid: Any, server_round: int, arrays: ArrayRecord,
@@ -169,13 +192,13 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     roster = Roster(expected, min_sites(config, expected))
     roster.wait(audited, config.roster_wait_s)  # identify every node; refuse unknown and duplicated site ids
     grid = ReleaseCollectingGrid(RosterGrid(audited, roster, config.reply_timeout_s))
-    n_sites = len(roster.nodes)
+    n_sites = len(roster.nodes)  # the sites present: the plan needs each one's fingerprint
     plan, fingerprints = agree_plan(grid, config, n_sites)  # before anything is trained: every site accepts
     atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
                                                          "fingerprints": fingerprints}, indent=2))
     model = model_from_run_config(config, len(IMAGE_CHANNELS), len(clinical_feature_names()))
     evaluation = PooledEvaluation()
-    strategy = make_strategy(config, n_sites, evaluation)
+    strategy = make_strategy(config, roster.minimum, evaluation)  # sampling never waits for more sites than that
     arrays = ArrayRecord(model.state_dict())
     progress = RunProgress(run_token=uuid.uuid4().hex[:12])
     progress.node_sites.update(roster.nodes)
@@ -197,12 +220,12 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     started = time.time()
     for server_round in range(start_round, config.num_server_rounds + 1):
         LOG.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
-        roster.refresh(audited)  # a restarted SuperNode answers under a new node id: identified, it rejoins
         if aggregator is not None:
+            roster.wait(audited, config.roster_wait_s)  # a restarted SuperNode is identified again and rejoins
             arrays, train_metrics = secure_train_round(aggregator, grid, server_round, arrays, train_config)
         else:
-            arrays, train_metrics = train_one_round(strategy, grid, server_round, arrays, train_config, progress,
-                                                    config.seed)
+            arrays, train_metrics = train_round_with_retries(strategy, grid, roster, audited, server_round, arrays,
+                                                             train_config, progress, config)
         if train_metrics is not None:
             progress.train_history[server_round] = dict(train_metrics)
         evaluate_round_on_sites(strategy, grid, server_round, arrays,
@@ -215,6 +238,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     best = load_checkpoint(run_dir, progress.best_round) if progress.best_round else None
     selected = best["arrays"] if best is not None else arrays
     # Final evaluation of the selected global model on every site's test split.
+    roster.wait(audited, config.roster_wait_s)
     test_round = config.num_server_rounds + 1
     replies = grid.send_and_receive(messages=strategy.configure_evaluate(
         test_round, selected, ConfigRecord({"split": "test", "run-token": progress.run_token,

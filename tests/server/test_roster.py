@@ -4,6 +4,7 @@ present, is refused and never messaged again; the federation size comes from the
 length of site-configs; with fewer sites than the roster the run goes on only when min-sites are present."""
 
 import pytest
+from flwr.app import Error, Message
 
 from hccfed.client.client_app import app as client_app
 from hccfed.common.errors import ConfigError
@@ -74,3 +75,41 @@ def test_a_restarted_site_returns_under_its_new_node_id():
     assert roster.nodes == {2: "b", 3: "a"} and not roster.refused
     roster.admit(4, "b", {2, 3, 4})  # node 2 still alive: a second claim of b
     assert roster.refused == {4: "b"}
+
+
+class DropsOut:
+    """hospital_b's SuperNode dies during round 1's training: the SuperLink answers for it (an error reply
+    whose sender is the SuperLink, node 1), as Flower does for a node that stops its heartbeats."""
+
+    def __init__(self, grid, node_id, times=1):
+        self.grid, self.node_id, self.left = grid, node_id, times
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        dropped = [m for m in messages if self.left and m.metadata.message_type == "train"
+                   and m.metadata.dst_node_id == self.node_id]
+        replies = list(self.grid.send_and_receive([m for m in messages if m not in dropped], timeout=timeout))
+        for msg in dropped:
+            self.left -= 1
+            msg.metadata.__dict__["_message_id"] = f"dropped-{self.left}"
+            reply = Message(error=Error(code=0, reason="Node Unavailable: no heartbeat"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            replies.append(reply)
+        return replies
+
+
+@pytest.mark.parametrize("min_sites, attempts", [(0, 2), (2, 1)])
+def test_a_site_dropping_mid_round_is_named_and_the_round_retried_below_min_sites(
+        tiny_cohort, tmp_path, in_process_grid, caplog, min_sites, attempts):
+    config = _config(tiny_cohort, tmp_path / f"drop{min_sites}", min_sites=min_sites, round_retries=1)
+    inner = in_process_grid(client_app, [{"partition-id": i} for i in range(3)], config)
+    with caplog.at_level("WARNING", logger="flwr"):
+        out = run_federated_training(DropsOut(inner, inner.node_ids[1]), config)
+    assert f"site hospital_b (node {inner.node_ids[1]}) did not answer: Node Unavailable" in caplog.text
+    assert "node 1 " not in caplog.text  # never the SuperLink's id in place of the site's
+    train_sent = [m for m in inner.sent if m.metadata.message_type == "train"]
+    assert len(train_sent) == 3 * attempts - 1  # min-sites 3 (all): round 1 again with all three
+    assert set(out["test_per_site"]) == set(SITES) and out["rejected_replies"][0]["site_id"] == "hospital_b"
