@@ -10,6 +10,9 @@
     hccfed pool-summaries site1.json site2.json ... --out report_dir [--threshold [MODEL=]T]
                                                      pooled clinical figures (figures.json)
     hccfed stats     [--harmonize] [--seed N] ...     CR / R / RCR by federated statistics over Flower
+    hccfed admin coordinator --out DIR --host NAME [--sites a,b,c]
+                                                     the consortium CA, the SuperLink's certificate, the commands
+    hccfed admin site-key --out DIR --site SITE      a site's node-authentication key pair (at the site)
 
 Exit codes of validate and prepare: 0 done (validate: every patient passes); 1 validate: some patient
 would be excluded (see the table); 2 the site cannot be used (bad YAML, unusable manifest, an output
@@ -255,7 +258,53 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--workers", type=int, default=None,
                        help="processes for a missing cohort and the radiomics (default: all cores)")
     stats.set_defaults(func=_stats)
+
+    admin = sub.add_parser("admin", help="deployment helpers: certificates, node keys, the exact commands")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    coordinator = admin_sub.add_parser("coordinator", help="the consortium CA and the SuperLink's TLS certificate "
+                                                           "(valid for the given names and 127.0.0.1), and the commands")
+    coordinator.add_argument("--out", required=True, help="folder for ca.pem, ca.key, superlink.pem, superlink.key")
+    coordinator.add_argument("--host", action="append", required=True,
+                             help="a name or address the sites use to reach the SuperLink (repeatable; the first "
+                                  "goes into the printed commands)")
+    coordinator.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default 9092)")
+    coordinator.add_argument("--sites", default="", help="comma-separated site ids of the roster (for the commands)")
+    coordinator.add_argument("--reuse", action="store_true", help="print the commands for the files already in --out")
+    coordinator.set_defaults(func=_admin_coordinator)
+    site_key = admin_sub.add_parser("site-key", help="this site's node-authentication key pair (run at the site)")
+    site_key.add_argument("--out", required=True, help="folder for SITE.key (owner-only) and SITE.pub")
+    site_key.add_argument("--site", required=True, help="the site id of its YAML")
+    site_key.set_defaults(func=_admin_site_key)
     return parser
+
+
+def _admin_coordinator(args: argparse.Namespace) -> int:
+    from hccfed.server.deployment import CoordinatorFiles, certificate_names, deployment_commands, \
+        make_coordinator_certificates
+
+    out = Path(args.out).resolve()  # the printed commands must work from any folder
+    if args.reuse:
+        files = CoordinatorFiles(out / "ca.pem", out / "ca.key", out / "superlink.pem", out / "superlink.key")
+        missing = [str(p) for p in (files.ca_cert, files.cert, files.key) if not p.exists()]
+        if missing:
+            raise ValueError(f"--reuse: {', '.join(missing)} missing")
+    else:
+        files = make_coordinator_certificates(out, args.host)
+        print(f"wrote {files.ca_cert} (give it to every site), {files.cert} and, owner-only, {files.key} and "
+              f"{files.ca_key} (keep the CA key offline)")
+    print(f"the SuperLink's certificate is valid for: {', '.join(certificate_names(files.cert))}\n")
+    sites = [s for s in args.sites.split(",") if s]
+    print(deployment_commands(files, args.host[0], sites or ["SITE"], port=args.port))
+    return 0
+
+
+def _admin_site_key(args: argparse.Namespace) -> int:
+    from hccfed.client.node_key import make_site_key
+
+    private, public = make_site_key(Path(args.out), args.site)
+    print(f"wrote {private} (owner-only: it stays at this site; flower-supernode --auth-supernode-private-key) "
+          f"and {public} (send it to the coordinator for `flwr supernode register`)")
+    return 0
 
 
 def configure_logging() -> None:
@@ -273,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"hccfed {args.command}: error: {err}", file=sys.stderr)
         return 2
 
