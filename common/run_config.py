@@ -78,8 +78,10 @@ class RunConfig:
     reply_timeout_s: float = option(3600.0, "seconds the server waits for the replies of one round's messages "
                                     "(a site silent longer is counted as dropped)", group="federation", cli=False,
                                     positive=True)
-    run_dir: str = option("runs/flwr-run", "where the ServerApp writes the global model, checkpoints, "
-                          "metrics and the message audit", cli=False)
+    run_dir: str = option("runs/{run-id}", "where the ServerApp writes the global model, checkpoints, metrics, "
+                          "report and the message audit; '{run-id}' becomes flwr-run-<Flower run id>, so runs never "
+                          "share a folder (give an absolute path in a deployment; to resume, the run's own folder)",
+                          cli=False)
     vit_patch_size: int = option(8, "ViT patch size (voxels)", group="model", minimum=1)
     vit_depth: int = option(4, "ViT transformer blocks", group="model", minimum=1)
     vit_heads: int = option(4, "ViT attention heads", group="model", minimum=1)

@@ -166,8 +166,10 @@ def deployment_commands(files: CoordinatorFiles, public_address: str, sites: lis
                                                           Path(f"/etc/hccfed/{site}.key"),
                                                           Path(f"/etc/hccfed/{site}.yaml")))
               for site in sites]
-    run_config = [f'sites="{",".join(sites)}"', f'run-dir="{runs_dir}"']
-    lines += ["", "# 5. Coordinator: start a run (the roster names the sites; results under run-dir/<run>/)",
+    run_config = [f'sites="{",".join(sites)}"', f'run-dir="{runs_dir}/{{run-id}}"']
+    lines += ["", "# 5. Coordinator: start a run (the roster names the sites; results, report.html included, under "
+              f"{runs_dir}/flwr-run-<id>/; to resume one: --run-config 'run-dir=\"<that folder>\"' "
+              "--run-config resume=true)",
               _shell(["flwr", "run", str(app_dir), "hccfed", "--stream",
                       *[arg for value in run_config for arg in ("--run-config", value)]])]
     return "\n".join(lines)

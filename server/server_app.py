@@ -19,7 +19,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """``train``: the configured strategy over the sites (resuming from a checkpoint with ``resume``),
     then a final federated evaluation on their test splits. ``stats``: the classical models, federated."""
+    run_id = f"flwr-run-{context.run_id}"
     if RunConfig.from_mapping(context.run_config).job == "train":
-        run_federated_training(grid, dict(context.run_config), run_id=f"flwr-run-{context.run_id}")
+        run_federated_training(grid, dict(context.run_config), run_id=run_id)
     else:
-        run_federated_stats(grid, dict(context.run_config))
+        run_federated_stats(grid, dict(context.run_config), run_id=run_id)

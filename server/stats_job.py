@@ -32,10 +32,10 @@ SETUP = {"n-folds": N_FOLDS, "radiomics": "auto", "second-reader": PERTURBED_REA
          "icc-patients": ICC_PATIENTS_PER_SITE}
 
 
-def run_federated_stats(grid: Any, run_config_raw: Mapping[str, Any]) -> dict[str, Any]:
+def run_federated_stats(grid: Any, run_config_raw: Mapping[str, Any], run_id: str = "") -> dict[str, Any]:
     """Fit and evaluate CR / R / RCR over the grid's sites; returns what it wrote to ``federated_stats.json``."""
     config = RunConfig.from_mapping(run_config_raw)
-    run_dir = Path(config.run_dir)
+    run_dir = Path(config.run_dir.replace("{run-id}", run_id or "stats"))
     run_dir.mkdir(parents=True, exist_ok=True)
     harmonize = config.job == "stats-combat"
     grid = ReleaseCollectingGrid(AuditingGrid(grid, run_dir / "messages_audit.jsonl"))

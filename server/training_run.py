@@ -179,13 +179,24 @@ def check_resumable(run_dir: Path, config: RunConfig) -> None:
                           f"start a new run-dir or use the saved values in {run_dir / 'checkpoints' / 'run_config.json'}")
 
 
+def run_folder(config: RunConfig, run_id: str) -> Path:
+    """``run-dir`` with ``{run-id}`` filled in; a new run never writes into another run's folder."""
+    if "{run-id}" in config.run_dir and not run_id:
+        raise ConfigError(f"run config: 'run-dir' {config.run_dir!r} needs the run's id (deployed ServerApp only)")
+    folder = Path(config.run_dir.replace("{run-id}", run_id))
+    if not config.resume and (folder / "checkpoints").exists():
+        raise ConfigError(f"run config: {folder} holds another run's checkpoints: give a new 'run-dir', or "
+                          "resume=true to continue that run")
+    return folder
+
+
 def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id: str = "") -> dict[str, Any]:
     """Train (or resume), evaluate and save; returns what it wrote to ``federated.json``.
 
     Beside it, the coordinator writes ``metrics.json`` and ``report.html`` (server/run_summary.py, the
     same report as a simulation's, without an oracle row) and logs the pooled test figures."""
     config = RunConfig.from_mapping(run_config_raw)
-    run_dir = Path(config.run_dir)
+    run_dir = run_folder(config, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     audited = AuditingGrid(grid, run_dir / "messages_audit.jsonl")
     expected = roster_sites(config)
@@ -270,5 +281,5 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
                                             for c in contents if "clinical" in c]),
     }
     atomic_write_text(run_dir / "federated.json", json.dumps(out, indent=2, default=float))
-    write_coordinator_report(run_dir, out, run_id or f"{run_dir.name}-{progress.run_token}")
+    write_coordinator_report(run_dir, out, run_id or run_dir.name)
     return out

@@ -74,9 +74,13 @@ def test_bad_reply_is_rejected_and_the_round_completes(tiny_cohort, tmp_path, in
 
 def test_the_coordinator_writes_the_report_and_metrics_of_a_deployed_run(tiny_cohort, tmp_path, in_process_grid,
                                                                          caplog):
-    config = _run_config(tiny_cohort, tmp_path / "run")
+    config = _run_config(tiny_cohort, tmp_path / "runs" / "{run-id}")
     with caplog.at_level("INFO", logger="flwr"):
         out = run_federated_training(_grid(in_process_grid, tiny_cohort, config), config, run_id="flwr-run-7")
+    assert (tmp_path / "runs" / "flwr-run-7" / "federated.json").exists()  # one folder per run
+    with pytest.raises(ConfigError, match="holds another run's checkpoints"):  # never two runs in one folder
+        run_federated_training(_grid(in_process_grid, tiny_cohort, config), config, run_id="flwr-run-7")
+    (tmp_path / "run").symlink_to(tmp_path / "runs" / "flwr-run-7")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["run_id"] == "flwr-run-7" and "oracle" not in metrics
     assert metrics["models"]["federated"]["test"]["auc"] == pytest.approx(out["test"]["auc"], abs=1e-12)
