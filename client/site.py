@@ -35,7 +35,6 @@ import numpy as np
 from hccfed.client.prepare import PreparedSite, prepare_site
 from hccfed.client.site_data import ALL, SPLITS, SplitData, site_split, split_indices
 from hccfed.common.atomic_io import atomic_savez
-from hccfed.common.errors import ConfigError
 from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
