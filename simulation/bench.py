@@ -107,7 +107,8 @@ def bench_dp_step(work: Path, batch: int = 16, repeats: int = 3, encoder: str = 
     """Seconds per optimizer step of the fusion model, plain vs DP-SGD, interleaved so both see the same load."""
     config = load_site_config(next(work.glob("site-1.yaml")))
     data = site_split(prepare_site(config, workers=1, progress=False), "train", 0)
-    settings = TrainSettings(epochs=1, batch_size=batch)
+    # DP-SGD takes the class weight from configuration (not from the labels); both runs use the same one
+    settings = TrainSettings(epochs=1, batch_size=batch, positive_weight=1.0)
     steps = -(-len(data) // batch)
     plain, private = [], []
     train_local(build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=width), data,
