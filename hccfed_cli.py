@@ -3,6 +3,8 @@
     hccfed synth     [--out DIR] [--seed N] [--dicom] write the synthetic hospitals (NIfTI or DICOM)
     hccfed validate  --site site_configs/X.yaml      every check of a hospital's data, nothing prepared
     hccfed prepare   --site site_configs/X.yaml      prepare one hospital's data (cached, QC report)
+    hccfed site check --site site_configs/X.yaml [--root-certificates CA.pem] [--auth-key KEY.pem] [--json]
+                                                     a hospital's readiness before it joins (exit 1: a check failed)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
@@ -118,6 +120,17 @@ def _validate(args: argparse.Namespace) -> int:
     return _site_command("validate", run)
 
 
+def _site_check(args: argparse.Namespace) -> int:
+    import json
+
+    from hccfed.client.site_check import check_site
+
+    report = check_site(args.site, root_certificates=args.root_certificates, auth_key=args.auth_key,
+                        workers=args.workers)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return EXIT_OK if report.ok else 1
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from hccfed.common.run_config import RunConfig, from_arguments
     from hccfed.simulation.simulate import SimulationSettings, simulate
@@ -213,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--site", required=True, help="the hospital's YAML, e.g. site_configs/hospital_a.yaml")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     prepare.set_defaults(func=_prepare)
+
+    site_group = sub.add_parser("site", help="a hospital's own commands: site check")
+    site_commands = site_group.add_subparsers(dest="site_command", required=True)
+    check = site_commands.add_parser("check", help="a hospital's readiness before it joins a federation (config, data, "
+                                                   "prepared cache, privacy policy, cache folder, TLS files, GPU)")
+    check.add_argument("--site", required=True, help="the hospital's YAML, e.g. site_configs/hospital_a.yaml")
+    check.add_argument("--root-certificates", default=None, help="the consortium's CA certificate (PEM) the SuperNode uses")
+    check.add_argument("--auth-key", default=None, help="the SuperNode's authentication private key (PEM, EC)")
+    check.add_argument("--workers", type=int, default=None, help="processes for the data checks (default: all cores)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    check.set_defaults(func=_site_check)
 
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
     _add_simulate_arguments(simulate)

@@ -3,27 +3,32 @@
 Each handler parses the run config once, finds this node's :class:`~hccfed.client.site.Site` for the
 run (built once per run and kept, in this process and on disk for the next process), and calls a
 plain function with it.
+
+A SuperNode starts a fresh process of this app for every message, so the module imports only Flower
+and light modules: the site, training and evaluation code (torch, Opacus, MONAI, SimpleITK, scipy)
+is imported inside the handlers that need it (``make bench``: ``clientapp_import_s``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hccfed.client.evaluation import CLINICAL_PREFIX
-from hccfed.client.federated import evaluate_round, train_round
 from hccfed.client.identify import identify_reply, is_identify_message
 from hccfed.client.privacy_guard import LEDGER_RECORD, PolicyRefusal, check_exact_release, ledger_record, \
     refusal_reply, site_ledger_record
 from hccfed.client.secagg_client import is_secagg_message, secagg_app
-from hccfed.client.site import NODE_SITES, Site, site_plan_problems
 from hccfed.common.plan import PLAN_RECORD, FederationPlan
 from hccfed.common.record_codec import flatten, unflatten
 from hccfed.common.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from hccfed.client.site import Site
 
 log = logging.getLogger("hccfed.site")
 
@@ -32,6 +37,8 @@ app = ClientApp()
 
 def _site(context: Context, config: ConfigRecord | None = None) -> tuple[Site, RunConfig]:
     """This node's Site for the run, prepared by the federation plan the message carries (if any)."""
+    from hccfed.client.site import NODE_SITES  # the site's code (SimpleITK, torch): loaded on the first message
+
     run_config = RunConfig.from_mapping(context.run_config)
     plan = FederationPlan.from_json(str(config["plan"])) if config is not None and "plan" in config else None
     return NODE_SITES.for_node(run_config, context.node_config, str(context.run_id), plan), run_config
@@ -45,6 +52,8 @@ def train(msg: Message, context: Context) -> Message:
     """
     if is_secagg_message(msg):
         return secagg_app(msg, context)
+    from hccfed.client.federated import train_round
+
     site, run_config = _site(context, msg.content["config"])
     try:
         state, metrics = train_round(site, msg.content["arrays"].to_torch_state_dict(),
@@ -60,6 +69,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model; reply with counts and fixed-size histograms only."""
+    from hccfed.client.evaluation import CLINICAL_PREFIX
+    from hccfed.client.federated import evaluate_round
+
     site, run_config = _site(context, msg.content["config"])
     try:
         metrics, summary = evaluate_round(site, msg.content["arrays"].to_torch_state_dict(),
@@ -115,6 +127,8 @@ def _plan_step(msg: Message, context: Context) -> Message:
         site_ledger_record(site, f"flwr-run-{context.run_id}", "fingerprint (percentiles of counts, spacing, "
                            "tumour size, intensities; from 10 patients)")
     else:
+        from hccfed.client.site import site_plan_problems
+
         problems = site_plan_problems(site.config, FederationPlan.from_json(str(step["plan"])))
         for problem in problems:
             log.warning("refusing the federation plan: %s", problem)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from hccfed.client.site import site_config_path
+from hccfed.client.site_yaml import site_config_path
 from hccfed.common.run_config import RunConfig
 from hccfed.common.site_config import load_site_config
 

@@ -25,6 +25,7 @@ outside the data folder (checked); the data folder is only ever read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,7 +43,7 @@ from hccfed.common.site_config import Preprocessing, SiteConfig
 from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
 __all__ = ["PREPARE_VERSION", "PatientJob", "PreparationError", "PreparedSite", "patient_jobs", "patient_key",
-           "prepare_patient", "prepare_site"]
+           "prepare_patient", "prepare_site", "prepared_cache_file"]
 
 
 class PreparationError(RuntimeError):
@@ -208,6 +209,14 @@ def _prepare_one(job: PatientJob) -> PatientResult:
     return PatientResult(pid, cube, issues, digests)
 
 
+def prepared_cache_file(config: SiteConfig, jobs: list[PatientJob], keys: list[str] | None = None) -> Path:
+    """Where the assembled site of these screened patients is cached: current for this config and data
+    exactly when the file exists (its name hashes the manifest, the config and every patient's files)."""
+    keys = [patient_key(job) for job in jobs] if keys is None else keys
+    key = cache_key(config, config.manifest.read_bytes(), [j.patient_id for j in jobs], keys)
+    return config.cache_dir / f"prepared-{key}.npz"
+
+
 def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedSite:
     """Prepare (or load from cache) every patient of a site that passes QC.
 
@@ -221,8 +230,7 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
     screening = screen_site(config)
     jobs = screening.jobs
     keys = [patient_key(job) for job in jobs]
-    key = cache_key(config, config.manifest.read_bytes(), [j.patient_id for j in jobs], keys)
-    cache_file = config.cache_dir / f"prepared-{key}.npz"
+    cache_file = prepared_cache_file(config, jobs, keys)
     if cache_file.exists():
         site = load_site(cache_file, PreparedSite)
         if site is not None:

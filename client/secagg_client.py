@@ -21,20 +21,15 @@ import logging
 from collections import OrderedDict
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from hccfed.client.federated import train_round
 from hccfed.client.privacy_ledger import PolicyRefusal
-from hccfed.client.site import NODE_SITES
 from hccfed.common.plan import FederationPlan
 from hccfed.common.run_config import RunConfig
-from hccfed.common.models.fusion import model_from_run_config
-from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 
 log = logging.getLogger("hccfed.site")
 
@@ -46,6 +41,9 @@ def is_secagg_message(msg: Message) -> bool:
 
 def state_keys(run_config: RunConfig) -> list[str]:
     """The model's state-dict keys, in the order the legacy (list of arrays) format uses."""
+    from hccfed.common.models.fusion import model_from_run_config  # torch: loaded by the handler, not at import
+    from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
+
     return list(model_from_run_config(run_config, len(IMAGE_CHANNELS), len(clinical_feature_names())).state_dict())
 
 
@@ -57,6 +55,11 @@ class SecAggSiteClient(NumPyClient):
         self.run_config = RunConfig.from_mapping(context.run_config)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        import torch  # heavy modules load here, after the ClientApp process has started (client_app.py)
+
+        from hccfed.client.federated import train_round
+        from hccfed.client.site import NODE_SITES
+
         keys = state_keys(self.run_config)
         if len(keys) != len(parameters):
             raise ValueError(f"received {len(parameters)} arrays, the model has {len(keys)}")

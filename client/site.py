@@ -35,11 +35,11 @@ import numpy as np
 from hccfed.client.prepare import PreparedSite, prepare_site
 from hccfed.client.site_data import ALL, SPLITS, SplitData, site_split, split_indices
 from hccfed.common.atomic_io import atomic_savez
-from hccfed.common.errors import ConfigError
 from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
 from hccfed.common.site_config import SiteConfig, load_site_config
+from hccfed.client.site_yaml import site_config_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger("hccfed.site")
 
@@ -370,21 +370,6 @@ def _classical_from_arrays(arrays: Mapping[str, np.ndarray]):
 
 
 # ------------------------------------------------------------------ this node's site, per run
-def site_config_path(run_config: RunConfig, node_config: Mapping[str, Any]) -> str:
-    """The YAML this node serves: a deployed SuperNode names it with ``--node-config
-    "site-config=/path/site.yaml"``; in a local simulation the node with ``partition-id`` i serves
-    the i-th entry of the run's ``site-configs``."""
-    if "site-config" in node_config:
-        return str(node_config["site-config"])
-    if "partition-id" not in node_config:
-        raise ConfigError("node config: set 'site-config' to this hospital's YAML")
-    index = int(node_config["partition-id"])
-    if index >= len(run_config.site_configs):
-        raise ConfigError(f"run config: 'site-configs' lists {len(run_config.site_configs)} sites, "
-                          f"but this is simulated node {index}")
-    return run_config.site_configs[index]
-
-
 class SiteCache:
     """The sites this process serves, one per run snapshot (the Flower run, the YAML's content and what
     the run asks of the site): a ClientApp process that handles several messages of a run (Flower's

@@ -7,7 +7,10 @@
   (CNN encoder, demo width) and of the clinical-only model;
 - DP-SGD: seconds per training step of the fusion model with and without
   Opacus (same data, batch and model, measured alternately), and their ratio;
-- pooled evaluation: seconds to pool the summaries of 3 sites.
+- pooled evaluation: seconds to pool the summaries of 3 sites;
+- ClientApp start: seconds to import ``hccfed.client.client_app`` (what a SuperNode's fresh ClientApp
+  process does before its first handler runs, against Flower's 30 s check-in window), median of 5
+  fresh interpreters; ``python -m hccfed.simulation.bench --only clientapp-import`` runs this one alone.
 Prints a table and writes ``runs/bench/bench.json``. Ratios are what to compare
 across machines; absolute times are for this machine only.
 """
@@ -18,6 +21,8 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,7 +107,8 @@ def bench_dp_step(work: Path, batch: int = 16, repeats: int = 3, encoder: str = 
     """Seconds per optimizer step of the fusion model, plain vs DP-SGD, interleaved so both see the same load."""
     config = load_site_config(next(work.glob("site-1.yaml")))
     data = site_split(prepare_site(config, workers=1, progress=False), "train", 0)
-    settings = TrainSettings(epochs=1, batch_size=batch)
+    # DP-SGD takes the class weight from configuration (not from the labels); both runs use the same one
+    settings = TrainSettings(epochs=1, batch_size=batch, positive_weight=1.0)
     steps = -(-len(data) // batch)
     plain, private = [], []
     train_local(build_model(encoder, len(IMAGE_CHANNELS), len(clinical_feature_names()), width=width), data,
@@ -128,8 +134,36 @@ def bench_pooling() -> dict[str, float]:
     return {"pool_3_sites_s": _median_time(lambda: pooled_figures(summaries))}
 
 
-def main() -> None:
+_IMPORT_PROBE = ("import time; t = time.perf_counter(); import hccfed.client.client_app; "
+                 "print(time.perf_counter() - t)")
+
+
+def bench_clientapp_import(repeats: int = 5) -> dict[str, float]:
+    """Seconds to import the ClientApp module in a fresh interpreter (in-process import, and the whole
+    process from start to exit), medians of ``repeats`` subprocesses run one after the other."""
+    imports, processes = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
+        processes.append(time.perf_counter() - start)
+        imports.append(float(done.stdout.strip().splitlines()[-1]))
+    return {"clientapp_import_s": float(np.median(imports)), "clientapp_process_s": float(np.median(processes))}
+
+
+def _report(results: dict) -> None:
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    only = argv if argv is not None else sys.argv[1:]
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
+    if only[:2] == ["--only", "clientapp-import"]:
+        results.update(bench_clientapp_import())
+        _report(results)
+        return
+    results.update(bench_clientapp_import())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results.update(bench_preparation(work))
@@ -137,9 +171,7 @@ def main() -> None:
         results.update(bench_training(work))
         results.update(bench_dp_step(work))
     results.update(bench_pooling())
-    width = max(len(k) for k in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    _report(results)
     out = REPO_ROOT / "runs" / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
