@@ -186,19 +186,22 @@ def check_certificate(path: Path, now: datetime | None = None) -> Check:
 
 
 def check_auth_key(path: Path) -> Check:
-    """The SuperNode's authentication key: a readable, unencrypted PEM EC private key, readable by its owner only."""
+    """The SuperNode's authentication key: a readable, unencrypted EC private key in OpenSSH format (as
+    ``hccfed admin site-key`` writes it and ``flower-supernode --auth-supernode-private-key`` reads it),
+    readable by its owner only."""
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     data, failed = _read(path, "node auth key")
     if failed:
         return failed
     try:
-        key = load_pem_private_key(data, password=None)
+        key = load_ssh_private_key(data, password=None)
     except TypeError:
         return Check("node auth key", FAILED, f"{path} is encrypted; the SuperNode needs it without a password")
     except ValueError as err:
-        return Check("node auth key", FAILED, f"{path} is not a PEM private key ({_first(err)})")
+        return Check("node auth key", FAILED, f"{path} is not an OpenSSH private key, the format flower-supernode reads "
+                     f"(make one with hccfed admin site-key) ({_first(err)})")
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return Check("node auth key", FAILED, f"{path} is a {type(key).__name__.lstrip('_')}, not an EC private key")
     mode = stat.S_IMODE(path.stat().st_mode)

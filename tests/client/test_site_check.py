@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from hccfed.client.prepare import prepare_site
+from hccfed.client.node_key import make_site_key
 from hccfed.client.site_check import FAILED, OK, WARNING, _guarded, check_auth_key, check_cache, check_certificate, \
     check_site
 from hccfed.common.site_config import load_site_config
@@ -43,7 +44,7 @@ def _ca(path: Path, days_valid: int = 30, start_days_ago: int = 1) -> Path:
 
 def _key(path: Path, mode: int = 0o600, key=None) -> Path:
     key = key or ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
     path.chmod(mode)
     return path
@@ -119,6 +120,12 @@ def test_node_auth_key_faults_name_the_file(tmp_path):
     text.write_text("not a key\n")
     assert check_auth_key(text).status == FAILED and str(text) in check_auth_key(text).reason
     assert check_auth_key(_key(tmp_path / "good.key")).status == OK
+    pkcs8 = tmp_path / "pkcs8.key"  # a PEM key in another format: flower-supernode would refuse it
+    pkcs8.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert check_auth_key(pkcs8).status == FAILED and "OpenSSH" in check_auth_key(pkcs8).reason
+    site_key, _ = make_site_key(tmp_path / "made", "hospital_a")
+    assert check_auth_key(site_key).status == OK  # what hccfed admin site-key writes
 
 
 def test_certificate_faults_name_the_file(tmp_path):
