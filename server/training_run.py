@@ -165,7 +165,7 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
     return strategy.aggregate_evaluate(server_round, replies)
 
 
-RESUME_MAY_CHANGE = {"resume", "num-server-rounds"}
+RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir"}  # run-dir: "{run-id}" then the folder itself
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:
