@@ -256,6 +256,10 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
                                             "model-round": progress.best_round, "figures": "clinical",
                                             "plan": plan.to_json()}), grid))
     strategy.aggregate_evaluate(test_round, replies)
+    if len(evaluation.history) <= len(progress.validation_history):  # no site's test tables were pooled
+        reasons = [reason for _, reason in filter(None, map(refusal_of, replies))]
+        raise ConfigError(f"no site returned test evaluation tables ({len(replies)} replies)"
+                          + (": " + "; ".join(reasons) if reasons else ""))
     test_figures = evaluation.history.pop()
     contents = evaluation.last_contents
     per_site = {site: pooled_figures([summary])

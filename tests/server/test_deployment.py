@@ -89,14 +89,14 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def _flwr_log(env, run_id: str) -> str:
     shown = subprocess.run([_tool("flwr"), "log", run_id, "hccfed", "--show"], env=env, capture_output=True,
-                           text=True, timeout=60)
+                           text=True, encoding="utf-8", errors="replace", timeout=60)
     return shown.stdout + shown.stderr
 
 
 def _status(env, run_id: str) -> str:
     """The run's status as the SuperLink reports it (e.g. running, finished:failed); "" when unreachable."""
     shown = subprocess.run([_tool("flwr"), "list", "hccfed", "--run-id", run_id, "--format", "json"], env=env,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     try:
         return next(str(r["status"]) for r in json.loads(shown.stdout)["runs"] if str(r["run-id"]) == run_id)
     except (ValueError, KeyError, StopIteration):
@@ -137,30 +137,30 @@ def test_deployed_run_survives_a_site_and_a_coordinator_restart(tiny_cohort, tmp
         start_superlink()
         for name in (*SITES, "second_a"):
             registered = subprocess.run([_tool("flwr"), "supernode", "register", str(keys[name][1]), "hccfed"],
-                                        env=env, capture_output=True, text=True, timeout=60)
+                                        env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
             assert registered.returncode == 0, registered.stdout + registered.stderr
         for name in nodes:
             start_node(name)
         _wait_for(lambda: procs.procs["unregistered"].poll() is not None, 60, "the unregistered node to be refused")
         assert procs.procs["unregistered"].returncode != 0
-        assert "Failed to activate SuperNode" in (logs / "unregistered.log").read_text()
+        assert "Failed to activate SuperNode" in (logs / "unregistered.log").read_text(encoding="utf-8", errors="replace")
 
         config = RunConfig(**RUN, run_dir=str(run_dir / "{run-id}")).to_flwr()
         flwr_log = logs / "flwr_run.log"
         procs.start("flwr_run", ["flwr", "run", str(REPO_ROOT), "hccfed", "--stream",
                                        *run_config_args(config)])
-        _wait_for(lambda: "[ROUND 1/2]" in flwr_log.read_text(), 240, "round 1")
+        _wait_for(lambda: "[ROUND 1/2]" in flwr_log.read_text(encoding="utf-8", errors="replace"), 240, "round 1")
         procs.stop("hospital_b")  # a hospital's SuperNode dies mid-round ...
         time.sleep(5)
         start_node("hospital_b")  # ... and its supervisor restarts it
-        _wait_for(lambda: "[ROUND 2/2]" in flwr_log.read_text(), 300, "round 2")
+        _wait_for(lambda: "[ROUND 2/2]" in flwr_log.read_text(encoding="utf-8", errors="replace"), 300, "round 2")
         procs.stop("superlink", whole_group=False)  # the coordinator crashes; its state is in --database
         time.sleep(3)
         start_superlink()
         # `flwr run --stream` loses its stream with the SuperLink. If the ServerApp survived, the run goes on
         # there; if the restarted SuperLink marks the run finished (its ServerApp was lost with it), the
         # consortium resumes it from its last checkpoint into the same folder (resume=true).
-        run_id = re.search(r"Successfully started run (\d+)", flwr_log.read_text()).group(1)
+        run_id = re.search(r"Successfully started run (\d+)", flwr_log.read_text(encoding="utf-8", errors="replace")).group(1)
         folder = run_dir / f"flwr-run-{run_id}"
         _wait_for(lambda: (folder / "report.html").exists() or _status(env, run_id).startswith("finished"), 300,
                   "the run to end or to be marked finished")
@@ -170,7 +170,7 @@ def test_deployed_run_survives_a_site_and_a_coordinator_restart(tiny_cohort, tmp
             procs.start("flwr_resume", ["flwr", "run", str(REPO_ROOT), "hccfed", "--stream",
                                         *run_config_args(resume)])
             _wait_for(lambda: (folder / "report.html").exists(), 300, "the resumed run's report")
-            resumed_id = re.search(r"Successfully started run (\d+)", (logs / "flwr_resume.log").read_text()).group(1)
+            resumed_id = re.search(r"Successfully started run (\d+)", (logs / "flwr_resume.log").read_text(encoding="utf-8", errors="replace")).group(1)
             _wait_for(lambda: "report:" in _flwr_log(env, resumed_id), 60, "the resumed run's last log line")
             log += _flwr_log(env, resumed_id)
             print("the ServerApp did not survive the SuperLink restart: resumed from checkpoint")
@@ -178,7 +178,7 @@ def test_deployed_run_survives_a_site_and_a_coordinator_restart(tiny_cohort, tmp
         procs.stop_all()
 
     assert [p.name for p in run_dir.iterdir()] == [folder.name]  # one folder for the one run
-    out = json.loads((folder / "federated.json").read_text())
+    out = json.loads((folder / "federated.json").read_text(encoding="utf-8", errors="replace"))
     assert sorted(out["roster"]["refused"].values()) == ["hospital_a"]  # the second node claiming hospital_a
     assert sorted(out["roster"]["admitted"].values()) == list(SITES)
     assert set(out["test_per_site"]) == set(SITES)  # every site counted once

@@ -26,6 +26,11 @@ from hccfed.simulation.simulate import simulate
 ROUNDS = 2
 
 
+#: The config records of every train and evaluate reply: the site id, and the run's entries of the site's
+#: privacy ledger (what it released, with the guarantee; client/privacy_guard.py).
+REPLY_RECORDS = {"site": ["site-id"], "privacy-ledger": ["entries", "run-id"]}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_cohort, tiny_site_profiles, tmp_path_factory):
     data_dir, _ = tiny_cohort
@@ -113,7 +118,7 @@ def test_server_received_only_weights_and_summary_tables(finished_run, tiny_coho
         assert set(entry["array_records"]) == {"arrays"}
         assert {k: v["shape"] for k, v in entry["array_records"]["arrays"].items()} == weight_shapes
         assert set(entry["metric_records"]["metrics"]) == {"loss", "num-examples"}
-        assert entry["config_records"] == {"site": ["site-id"]}
+        assert entry["config_records"] == REPLY_RECORDS  # the site id and its ledger entries for this run
     for i, entry in enumerate(evaluate):
         final = i >= ROUNDS * n_sites  # only the final test evaluation carries the clinical summary
         assert set(entry["array_records"]) == ({"summary", "clinical"} if final else {"summary"})
@@ -125,7 +130,7 @@ def test_server_received_only_weights_and_summary_tables(finished_run, tiny_coho
             assert set(entry["array_records"]["clinical"]) == set(MODEL_KEYS)
         assert set(entry["metric_records"]["metrics"]) == {"num-examples", "num-positive", "num-negative",
                                                            "num-events"}
-        assert entry["config_records"] == {"site": ["site-id"]}
+        assert entry["config_records"] == REPLY_RECORDS  # the site id and its ledger entries for this run
     # The bytes each site sends per round are the model's weights, from the audit.
     model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     assert all(e["array_nbytes"] == model_bytes for e in train)
