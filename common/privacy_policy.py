@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
-from hccfed.common.errors import ConfigError
+from hccfed.common.errors import ConfigError, check_section_keys
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,7 @@ def parse_privacy_policy(raw: Any, where: str) -> PrivacyPolicy:
     """The ``privacy:`` mapping of a site YAML; ConfigError naming the file and key otherwise."""
     if raw is None:
         return PrivacyPolicy()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: key 'privacy' must be a mapping, got {raw!r}")
-    known = {f.name for f in fields(PrivacyPolicy)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: key 'privacy' has unknown keys {unknown}; known: {sorted(known)}")
+    check_section_keys(raw, where, "privacy", {f.name for f in fields(PrivacyPolicy)})
     for key, value in raw.items():
         name = f"{where}: key 'privacy.{key}'"
         if key in _BOOLS:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from hccfed.common.errors import ConfigError
+from hccfed.common.errors import ConfigError, check_section_keys
 from hccfed.common.plan import PLANNED_KEYS
 from hccfed.common.privacy_policy import PrivacyPolicy, parse_privacy_policy
 from hccfed.common.run_config import NORMALISATIONS
@@ -180,12 +180,7 @@ _PREPROCESSING_BOUNDS: dict[str, tuple[float, float]] = {
 
 
 def _parse_preprocessing(raw: Mapping[str, Any], where: str) -> Preprocessing:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: key 'preprocessing' must be a mapping, got {raw!r}")
-    known = {f.name for f in fields(Preprocessing)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: key 'preprocessing' has unknown keys {unknown}; known: {sorted(known)}")
+    check_section_keys(raw, where, "preprocessing", {f.name for f in fields(Preprocessing)})
     _check_preprocessing_types(raw, where)
     prep = Preprocessing(**raw)
     for key, (low, high) in _PREPROCESSING_BOUNDS.items():

@@ -108,7 +108,7 @@ def train_one_round(strategy: Strategy, grid: Any, server_round: int, arrays: Ar
     messages = strategy.configure_train(server_round, arrays, _round_config(train_config), grid)
     replies = list(grid.send_and_receive(messages))
     refused = [r for r in map(refusal_of, replies) if r is not None]
-    answered = sum(1 for r in replies if not r.has_error() or refusal_of(r) is not None)
+    answered = sum(1 for r in replies if not r.has_error()) + len(refused)
     if replies and len(refused) == len(replies):
         raise ConfigError(f"round {server_round}: every site refused to train: "
                           + "; ".join(reason for _, reason in refused))

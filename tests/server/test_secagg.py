@@ -16,6 +16,18 @@ from hccfed.server.secagg import SecureAggregator
 from hccfed.server.training_run import run_federated_training
 
 
+
+def _plain_rounds(config, state, n_sites, token):
+    """The first ``n_sites`` sites' round-1 weights trained from ``state`` without SecAgg, and their FedAvg
+    weights (training patients, normalised)."""
+    plain, weights = [], []
+    for i in range(n_sites):
+        site = Site(load_site_config(config.site_configs[i]), config.seed, workers=1)
+        new, site_metrics = train_round(site, state, {"server-round": 1, "run-token": token}, config)
+        plain.append(new)
+        weights.append(site_metrics["num-examples"])
+    return plain, np.array(weights) / sum(weights)
+
 def test_secure_aggregate_equals_plain_weighted_average(tiny_cohort, tmp_path, in_process_grid):
     config = RunConfig(num_server_rounds=1, batch_size=4, encoder_width=4, seed=5, secagg=True,
                        site_configs=tuple(str(p) for p in tiny_cohort[1]), run_dir=str(tmp_path))
@@ -29,13 +41,7 @@ def test_secure_aggregate_equals_plain_weighted_average(tiny_cohort, tmp_path, i
                                                             ConfigRecord({"run-token": "t"}))
 
     # The same round without SecAgg: each site trains from the same weights with the same seeds.
-    plain, weights = [], []
-    for i in range(3):
-        site = Site(load_site_config(config.site_configs[i]), config.seed, workers=1)
-        new, site_metrics = train_round(site, state, {"server-round": 1, "run-token": "t"}, config)
-        plain.append(new)
-        weights.append(site_metrics["num-examples"])
-    weights = np.array(weights) / sum(weights)
+    plain, weights = _plain_rounds(config, state, 3, "t")
     assert secure is not None and list(secure.keys()) == list(state.keys())
     for key in state:
         expected = sum(w * p[key].numpy().astype(np.float64) for w, p in zip(weights, plain))
@@ -83,13 +89,7 @@ def test_secagg_completes_when_one_of_three_sites_drops_mid_round(tiny_cohort, t
                                  reconstruction_threshold=config.secagg_reconstruction_threshold).aggregate(
         grid, 1, ArrayRecord(state), ConfigRecord({"run-token": "drop"}))
     # The survivors' plain FedAvg: the dropped site's mask was removed with the others' key shares.
-    plain, weights = [], []
-    for i in range(2):
-        site = Site(load_site_config(config.site_configs[i]), config.seed, workers=1)
-        new, site_metrics = train_round(site, state, {"server-round": 1, "run-token": "plain"}, config)
-        plain.append(new)
-        weights.append(site_metrics["num-examples"])
-    weights = np.array(weights) / sum(weights)
+    plain, weights = _plain_rounds(config, state, 2, "plain")
     assert secure is not None
     for key in state:
         expected = sum(w * p[key].numpy().astype(np.float64) for w, p in zip(weights, plain))
