@@ -24,6 +24,7 @@ AUGMENTATIONS = ("flip-shift", "affine", "none")
 JOBS = ("train", "stats", "stats-combat")
 RADIOMICS_PARAMS = ("fast", "full")  # or a path to a pyradiomics parameter file
 NORMALISATIONS = ("zscore_ring", "zscore_box")
+RECALIBRATIONS = ("platt", "isotonic", "none")
 
 
 def option(default: Any, help: str, *, group: str = "run", choices: tuple | None = None,
@@ -118,6 +119,8 @@ class RunConfig:
     job: str = option("train", "what the ServerApp runs: federated training, or the classical CR / R / RCR "
                       "models by federated statistics (stats-combat: radiomics harmonised by ComBat first)",
                       choices=JOBS, cli=False)
+    recalibration: str = option("platt", "test risks recalibrated on the pooled validation tables (reported "
+                                "beside the raw figures): platt, isotonic or none", choices=RECALIBRATIONS)
     radiomics_features: tuple[str, ...] = option(
         (), "comma-separated radiomics the fusion model takes (<phase>_<region>_<feature>; empty: none), "
         "standardised against each site's own patients", group="model", cli=False)

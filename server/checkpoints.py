@@ -3,8 +3,8 @@
 After every completed round the server writes, under ``<run-dir>/checkpoints/``:
 ``round-NNNNN.pt`` (the global model after that round, the strategy's own
 state such as FedAdam's moments, and the bookkeeping of the run: validation
-history, best round so far, train metrics, the run token the sites key their
-local state by) and ``run_config.json``; ``latest.json`` names the newest
+history, best round so far and its pooled validation score table (for the
+recalibration), train metrics, the run token the sites key their local state by) and ``run_config.json``; ``latest.json`` names the newest
 complete round and is replaced atomically last, so a crash mid-write leaves
 the previous checkpoint in force. Every round's model is kept (the best round's
 is reloaded at the end). Only weights and aggregates: nothing about patients.

@@ -8,8 +8,11 @@ are aggregated; then every site evaluates the global model on its validation
 split and the server pools their histograms into an AUC and C-index; the
 round's model and state are checkpointed (server/checkpoints.py). The round
 with the best pooled validation AUC is kept and, after the last round,
-evaluated on the sites' test splits. The server writes the global model, the
-figures and an audit of every received message under the run's ``run-dir``.
+evaluated on the sites' test splits; its test risks are also reported
+recalibrated (Platt or isotonic, run option ``recalibration``) on the pooled
+validation score tables of that round, which the sites sent with it. The
+server writes the global model, the figures and an audit of every received
+message under the run's ``run-dir``.
 
 The round loop is written out here rather than using ``Strategy.start``: that
 loop always starts at round 1 and cannot resume, and the reply checks must
@@ -38,7 +41,8 @@ from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.audit import AuditingGrid
 from hccfed.server.checkpoints import load_checkpoint, save_checkpoint
-from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures
+from hccfed.server.federated_eval import SUMMARY_KEYS, pooled_clinical_figures, pooled_figures, pooled_score_table, \
+    recalibrated_clinical_figures, score_table_arrays
 from hccfed.server.plan_step import agree_plan
 from hccfed.server.privacy_releases import ReleaseCollectingGrid, privacy_json, refusal_of
 from hccfed.server.roster import Roster, RosterGrid, min_sites, roster_sites
@@ -85,12 +89,17 @@ class RunProgress:
     train_history: dict[int, dict[str, float]] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     node_sites: dict[int, str] = field(default_factory=dict)
+    #: The best round's pooled validation score table as lists (server.federated_eval.pooled_score_table), for
+    #: the recalibration; None when that round's validation sent no tables or the checkpoint predates it.
+    best_validation_scores: dict[str, list] | None = None
 
-    def update_best(self, server_round: int, auc: float) -> None:
-        """Early stopping on the pooled validation AUC: keep the best round (the earliest on ties)."""
+    def update_best(self, server_round: int, auc: float, validation: list[RecordDict] | None = None) -> None:
+        """Early stopping on the pooled validation AUC: keep the best round (the earliest on ties) and, from
+        ``validation`` (that round's evaluate replies; None when none came), its pooled score table."""
         if self.best_round == 0 or auc > self.best_auc:
             self.best_round = server_round
             self.best_auc = auc if np.isfinite(auc) else self.best_auc
+            self.best_validation_scores = pooled_score_table(summaries_of(validation)) if validation else None
 
 
 def _round_config(base: ConfigRecord, **values: Any) -> ConfigRecord:
@@ -165,7 +174,8 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
     return strategy.aggregate_evaluate(server_round, replies)
 
 
-RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir"}  # run-dir: "{run-id}" then the folder itself
+# run-dir: "{run-id}" then the folder itself; recalibration only changes what the final report adds.
+RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir", "recalibration"}
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:
@@ -188,6 +198,20 @@ def run_folder(config: RunConfig, run_id: str) -> Path:
         raise ConfigError(f"run config: {folder} holds another run's checkpoints: give a new 'run-dir', or "
                           "resume=true to continue that run")
     return folder
+
+
+def recalibrated_test_figures(clinical: list[dict[str, np.ndarray]], progress: RunProgress,
+                              config: RunConfig) -> dict[str, Any]:
+    """The test figures recalibrated on the selected round's pooled validation score table, or why not."""
+    if config.recalibration == "none":
+        return {"method": "none", "error": "not computed: the run option 'recalibration' is none"}
+    if progress.best_validation_scores is None:
+        return {"method": config.recalibration,
+                "error": f"no pooled validation score table of the selected round {progress.best_round}: its "
+                         "validation returned no tables, or the run resumed from a checkpoint written before "
+                         "recalibration was kept"}
+    return recalibrated_clinical_figures(clinical, [score_table_arrays(progress.best_validation_scores)],
+                                         config.recalibration)
 
 
 def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id: str = "") -> dict[str, Any]:
@@ -239,12 +263,14 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
                                                              train_config, progress, config)
         if train_metrics is not None:
             progress.train_history[server_round] = dict(train_metrics)
+        pooled_before = len(evaluation.history)
         evaluate_round_on_sites(strategy, grid, server_round, arrays,
                                 ConfigRecord({"split": "val", "run-token": progress.run_token,
                                               "model-round": server_round, "plan": plan.to_json()}))
         progress.validation_history = list(evaluation.history)
+        validation = evaluation.last_contents if len(evaluation.history) > pooled_before else None  # None: no tables
         progress.update_best(server_round, evaluation.history[-1].get("auc", np.nan) if evaluation.history
-                             else np.nan)
+                             else np.nan, validation)
         save_checkpoint(run_dir, server_round, arrays, config, strategy_state(strategy), vars(progress))
     best = load_checkpoint(run_dir, progress.best_round) if progress.best_round else None
     selected = best["arrays"] if best is not None else arrays
@@ -264,6 +290,9 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     contents = evaluation.last_contents
     per_site = {site: pooled_figures([summary])
                 for site, summary in zip(site_ids_of(contents), summaries_of(contents))}
+    clinical = [{k: c["clinical"][k].numpy() for k in c["clinical"]} for c in contents if "clinical" in c]
+    recalibrated = recalibrated_test_figures(clinical, progress, config)
+    LOG.info("recalibrated test risks: %s", recalibrated.get("description", recalibrated.get("error")))
     torch.save(selected.to_torch_state_dict(), run_dir / "global_model.pt")
     out = {
         "run_config": config.to_flwr(),
@@ -281,8 +310,8 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
         "test": test_figures,
         "test_per_site": per_site,
         "privacy": privacy_json(grid),
-        "figures": pooled_clinical_figures([{k: c["clinical"][k].numpy() for k in c["clinical"]}
-                                            for c in contents if "clinical" in c]),
+        "figures": pooled_clinical_figures(clinical),
+        "recalibrated": recalibrated,
     }
     atomic_write_text(run_dir / "federated.json", json.dumps(out, indent=2, default=float))
     write_coordinator_report(run_dir, out, run_id or run_dir.name)

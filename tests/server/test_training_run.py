@@ -14,9 +14,12 @@ from flwr.app import Array
 
 from hccfed.client.client_app import app as client_app
 from hccfed.common.errors import ConfigError
+from hccfed.common.metrics.recalibration import Recalibration, fit_recalibration, recalibrate_prob_table
+from hccfed.common.metrics.summaries import AUC_KEYS, pool_summaries
+from hccfed.common.metrics.summary_calibration import calibration_intercept_slope_from_summary
 from hccfed.common.run_config import RunConfig
 from hccfed.server.checkpoints import load_checkpoint
-from hccfed.server.training_run import run_federated_training
+from hccfed.server.training_run import RunProgress, recalibrated_test_figures, run_federated_training
 
 ROUNDS = 2
 
@@ -75,9 +78,13 @@ def test_bad_reply_is_rejected_and_the_round_completes(tiny_cohort, tmp_path, in
 def test_the_coordinator_writes_the_report_and_metrics_of_a_deployed_run(tiny_cohort, tmp_path, in_process_grid,
                                                                          caplog):
     config = _run_config(tiny_cohort, tmp_path / "runs" / "{run-id}")
+    replies = []
+    grid = _grid(in_process_grid, tiny_cohort, config, tamper=lambda reply: replies.append(reply) or reply)
     with caplog.at_level("INFO", logger="flwr"):
-        out = run_federated_training(_grid(in_process_grid, tiny_cohort, config), config, run_id="flwr-run-7")
+        out = run_federated_training(grid, config, run_id="flwr-run-7")
     assert (tmp_path / "runs" / "flwr-run-7" / "federated.json").exists()  # one folder per run
+    _assert_recalibrated_on_the_selected_rounds_validation_tables(
+        json.loads((tmp_path / "runs" / "flwr-run-7" / "federated.json").read_text()), grid.sent, replies)
     with pytest.raises(ConfigError, match="holds another run's checkpoints"):  # never two runs in one folder
         run_federated_training(_grid(in_process_grid, tiny_cohort, config), config, run_id="flwr-run-7")
     (tmp_path / "run").symlink_to(tmp_path / "runs" / "flwr-run-7")
@@ -95,6 +102,30 @@ def test_the_coordinator_writes_the_report_and_metrics_of_a_deployed_run(tiny_co
     assert html.lower().startswith("<!doctype html>") and "data:image/png;base64" in html
     logged = caplog.text  # what `flwr run --stream` shows the person who started the run
     assert f"AUC {out['test']['auc']:.3f}" in logged and f"C-index {out['test']['c_index']:.3f}" in logged
+
+
+def _assert_recalibrated_on_the_selected_rounds_validation_tables(out, sent, replies):
+    """federated.json's "recalibrated" block: Platt fitted on the score tables the sites sent for the selected
+    round's validation (nothing else), applied to the test tables they sent with the clinical figures."""
+    asked = {m.metadata.message_id: m.content["config"] for m in sent if m.metadata.message_type == "evaluate"}
+    answers = [(asked[r.metadata.reply_to_message_id], r.content) for r in replies
+               if r.metadata.message_type == "evaluate" and not r.has_error()]
+    validation = [{k: c["summary"][k].numpy() for k in AUC_KEYS} for config, c in answers
+                  if config["split"] == "val" and config["model-round"] == out["selected_round"]]
+    test = [{k: c["clinical"][k].numpy() for k in c["clinical"]} for config, c in answers if config["split"] == "test"]
+    assert len(validation) == len(test) == 3
+    pooled = pool_summaries(validation)
+    expected = fit_recalibration(pooled["auc_value"], pooled["auc_pos"], pooled["auc_neg"], "platt")
+    recalibrated = out["recalibrated"]
+    assert recalibrated["method"] == "platt" and "error" not in recalibrated
+    assert Recalibration.from_json(json.dumps(recalibrated["params"])) == expected
+    assert recalibrated["fitted_on"]["n_patients"] == int(pooled["auc_pos"].sum() + pooled["auc_neg"].sum())
+    slope = recalibrated["figures"]["calibration"]["slope"]
+    assert np.isfinite(slope)
+    pooled_test = pool_summaries(test)
+    assert slope == pytest.approx(calibration_intercept_slope_from_summary(
+        recalibrate_prob_table(pooled_test, expected))["slope"], rel=1e-9)
+    assert recalibrated["figures"]["auc"] == out["figures"]["auc"]  # the scores are unchanged
 
 
 def test_resumed_run_ends_with_the_same_weights(tiny_cohort, tmp_path, in_process_grid):
@@ -122,6 +153,16 @@ def test_resumed_run_ends_with_the_same_weights(tiny_cohort, tmp_path, in_proces
     a_out = json.loads((tmp_path / "straight" / "federated.json").read_text())
     assert a_out["validation_history"] == out["validation_history"]
     assert a_out["selected_round"] == out["selected_round"]
+    assert "error" not in out["recalibrated"]  # the selected round's validation table came through the checkpoint
+    assert a_out["recalibrated"] == json.loads(json.dumps(out["recalibrated"]))
+
+
+def test_a_run_resumed_from_a_checkpoint_without_the_validation_table_says_why_it_has_no_recalibration():
+    old = {"run_token": "abc", "best_round": 2, "best_auc": 0.7}  # what a checkpoint of an older version holds
+    out = recalibrated_test_figures([], RunProgress(**old), RunConfig())
+    assert out["method"] == "platt" and "no pooled validation score table of the selected round 2" in out["error"]
+    off = recalibrated_test_figures([], RunProgress(**old), RunConfig(recalibration="none"))
+    assert off == {"method": "none", "error": "not computed: the run option 'recalibration' is none"}
 
 
 def test_the_plan_comes_from_the_sites_fingerprints_and_a_refusing_site_stops_the_run(
