@@ -15,7 +15,10 @@ sends) and fits a map from score to probability on them:
   ``sklearn.isotonic.IsotonicRegression(out_of_bounds="clip")`` on the pooled
   rows: the same breakpoints, linear interpolation between them, the end
   values outside them. (sklearn merges scores closer than 1e-15 in absolute
-  value; here every distinct float is its own score.)
+  value; here every distinct float is its own score.) Its risks are often
+  exactly 0 or 1 at the ends (a lowest block without positives...): the
+  logistic calibration slope of such risks, on logits clipped at 1e-12,
+  says little; read the Brier score and the calibration curve.
 
 :class:`Recalibration` holds the fitted map (plain JSON: what a server sends
 or stores) and applies it; :func:`recalibrate_prob_table` rewrites the
@@ -151,6 +154,8 @@ class Recalibration:
         object.__setattr__(self, "probabilities", tuple(float(q) for q in self.probabilities))
         object.__setattr__(self, "n_positive", int(self.n_positive))
         object.__setattr__(self, "n_negative", int(self.n_negative))
+        if self.n_positive < 0 or self.n_negative < 0:
+            raise ValueError(f"a recalibration's patient counts must be >= 0, got {self.n_positive}, {self.n_negative}")
         for name in ("intercept", "slope"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
