@@ -7,6 +7,8 @@
                                                      a hospital's readiness before it joins (exit 1: a check failed)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
+    hccfed benchmark [--quick] [--seeds 1,2,3,4] [--holdout N] [--encoders cnn,vit] [--device cuda]
+                                                     rank the models on large held-out cohorts over seeds
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
                                                      a hospital's aggregate-only evaluation summary
     hccfed pool-summaries site1.json site2.json ... --out report_dir [--threshold [MODEL=]T]
@@ -143,6 +145,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from hccfed.common.run_config import RunConfig, from_arguments
+    from hccfed.simulation.benchmark import BenchmarkSettings, run_benchmark
+
+    settings = from_arguments(args, BenchmarkSettings, run=from_arguments(args, RunConfig))
+    out = run_benchmark(settings)
+    print(f"table: {out / 'benchmark.md'}\nplot: {out / 'benchmark.png'}\nfigures: {out / 'benchmark.json'}")
+    return 0
+
+
 def _minimum(args: argparse.Namespace):
     from hccfed.common.metrics.summary_checks import MinimumCells
 
@@ -200,6 +212,15 @@ def _add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, RunConfig)
 
 
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own flags, then the models' (RunConfig's; the seed is the benchmark's)."""
+    from hccfed.common.run_config import RunConfig, add_arguments
+    from hccfed.simulation.benchmark import BenchmarkSettings
+
+    add_arguments(parser, BenchmarkSettings)
+    add_arguments(parser, RunConfig, exclude=("seed", "resume", "encoder"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hccfed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
     _add_simulate_arguments(simulate)
     simulate.set_defaults(func=_simulate)
+    benchmark = sub.add_parser("benchmark", help="rank the models: several cohort seeds, each hospital's large "
+                               "held-out cohort (table and plot)")
+    _add_benchmark_arguments(benchmark)
+    benchmark.set_defaults(func=_benchmark)
 
     site = sub.add_parser("site-summary", help="a hospital's aggregate-only evaluation summary of a predictions CSV")
     site.add_argument("--predictions", required=True,

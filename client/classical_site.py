@@ -73,8 +73,10 @@ def join_site(site, table: RadiomicsTable | None, seed: int) -> ClassicalSite:
         names, x = names + list(table.names), np.column_stack([x[keep], rad])
     splits = split_indices(site, seed)
     position = {k: j for j, k in enumerate(keep)}
-    train = np.array([position[k] for k in np.concatenate([splits["train"], splits["val"]]) if k in position],
-                     dtype=int)
+    # Fitted on the training split only, like the deep models: the validation split is for choices
+    # (a neural model's round, operating thresholds, recalibration), so every model learns from the
+    # same patients; the classical models make their own choices by cross-validation within it.
+    train = np.array([position[k] for k in splits["train"] if k in position], dtype=int)
     test = np.array([position[k] for k in splits["test"] if k in position], dtype=int)
     return ClassicalSite(site.site_id, site.patient_ids[keep], names, x, site.labels[keep], site.times[keep],
                          site.events[keep], np.sort(train), np.sort(test))

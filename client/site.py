@@ -213,7 +213,7 @@ class Site:
     def classical(self, params: str | None = "auto", second_reader_seed: int | None = None,
                   icc_patients: int | None = None):
         """The rows of the classical models (``hccfed.client.classical_site.ClassicalSite``): the clinical
-        vector joined with the radiomics, split like the deep models (train + validation fit, test scored).
+        vector joined with the radiomics, split like the deep models (fitted on the training split, as they are; test scored).
 
         ``params``: "fast", "full" or a parameter file; "auto": the fast file when the site has volumes,
         clinical only otherwise; None or "none": clinical only. ``second_reader_seed``: also the second

@@ -21,6 +21,7 @@ from hccfed.common.errors import ConfigError
 ENCODERS = ("cnn", "resnet10", "vit", "none")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AUGMENTATIONS = ("flip-shift", "affine", "none")
+TABULAR_NORMS = ("layer", "none")  # how common.models.fusion's head takes the radiomics and clinical vectors
 JOBS = ("train", "stats", "stats-combat")
 RADIOMICS_PARAMS = ("fast", "full")  # or a path to a pyradiomics parameter file
 NORMALISATIONS = ("zscore_ring", "zscore_box")
@@ -86,6 +87,9 @@ class RunConfig:
     vit_patch_size: int = option(8, "ViT patch size (voxels)", group="model", minimum=1)
     vit_depth: int = option(4, "ViT transformer blocks", group="model", minimum=1)
     vit_heads: int = option(4, "ViT attention heads", group="model", minimum=1)
+    tabular_norm: str = option("layer", "how the radiomics and clinical vectors enter the fusion head: a "
+                               "LayerNorm over each patient's vector, or as the site harmonised them",
+                               group="model", choices=TABULAR_NORMS)
     augment: str = option("flip-shift", "local augmentation: mirror flips and small shifts, MONAI-style small "
                           "affine transforms, or none", group="model", choices=AUGMENTATIONS)
     strategy: str = option("fedavg", "aggregation, weighted by training patients: FedAvg, FedProx "

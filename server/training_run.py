@@ -176,11 +176,13 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
 
 # run-dir: "{run-id}" then the folder itself; recalibration only changes what the final report adds.
 RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir", "recalibration"}
+#: What a checkpoint written before an option existed ran with (the behaviour before the option).
+BEFORE_OPTION = {"tabular-norm": "layer"}
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:
     """Resuming needs the interrupted run's settings (only ``num-server-rounds`` may grow)."""
-    saved = json.loads((run_dir / "checkpoints" / "run_config.json").read_text())
+    saved = {**BEFORE_OPTION, **json.loads((run_dir / "checkpoints" / "run_config.json").read_text())}
     current = config.to_flwr()
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))

@@ -13,11 +13,13 @@ simulator, this module also reads the sites' test scores (``site_scores``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from hccfed.client.classical_site import ClassicalSite, local_endpoints, score_model
+from hccfed.client.classical_site import (ClassicalSite, ClassicalStatsSite, join_site, local_endpoints,
+                                          score_model)
 from hccfed.client.site import Site
 from hccfed.client.stats_site import local_send
 from hccfed.common.site_config import SiteConfig, load_site_config
@@ -64,6 +66,7 @@ def run_classical_models(sites: list[ClassicalSite], seed: int = 0, n_folds: int
         scores = {s.site_id: score_model(r["model"], s.names, s.features[s.test]) for s in rows}
         out[key] = {"model": LinearModel(r["model"]), "site_scores": scores, "summaries": r["summaries"],
                     "test": r["test"], "figures": r["figures"], "sites": result["sites"],
+                    "combat": result["combat"],
                     **({"selection": result["selection"]} if key == "R" else {})}
     return out
 
@@ -72,9 +75,46 @@ def _configs(site_yamls: list) -> list[SiteConfig]:
     return [c if isinstance(c, SiteConfig) else load_site_config(c) for c in site_yamls]
 
 
+def holdout_rows(site: Site, params: str) -> ClassicalSite:
+    """Every patient of a held-out evaluation cohort as rows to score (none fitted), in the order of
+    ``site.split(ALL)`` (its patients with radiomics: all of them, or the failure is raised)."""
+    table = site.radiomics(params)
+    if table.failed:
+        patient, reason = next(iter(table.failed.items()))
+        raise ValueError(f"{site.site_id} held-out cohort: radiomics failed for {len(table.failed)} patient(s), "
+                         f"first {patient}: {reason}")
+    rows = join_site(site.rows, table, site.seed)
+    return replace(rows, train=np.array([], dtype=int), test=np.arange(len(rows.patient_ids)))
+
+
+def score_holdouts(fitted: dict, holdouts: list[Site], params: str, book=None) -> dict[str, dict]:
+    """The fitted classical models (``run_classical_models``'s result) scored at each held-out cohort's
+    hospital, after that hospital's ComBat harmonisation; the figures through the sites' tables, and the
+    scores into ``book`` for the paired DeLong tests."""
+    from hccfed.client.site_data import ALL
+    from hccfed.simulation.evaluation import evaluate_scores
+
+    endpoints = [(h, ClassicalStatsSite(holdout_rows(h, params))) for h in holdouts]
+    out = {}
+    for key, r in fitted.items():
+        name, rows = REPORT_NAMES[key], []
+        for site, endpoint in endpoints:
+            harmonised, data = endpoint.rows(r["combat"]), site.split(ALL)
+            if list(map(str, harmonised.patient_ids)) != list(map(str, data.patient_ids)):
+                raise ValueError(f"{site.site_id} held-out cohort: the radiomics rows are not its patients")
+            score = r["model"].score(harmonised, harmonised.test)
+            rows.append((site.site_id, data, score, score))
+            if book is not None:
+                book.add(name, site.site_id, data, score)
+        out[name] = {**evaluate_scores(rows), "train_patients": int(sum(r["sites"]["n_train"].values())),
+                     "features": r["model"].features}
+    return out
+
+
 def classical_model_results(sites: list[Site], harmonize: bool = True, params: str = "fast", n_folds: int = 5,
                             second_reader_seed: int | None = SECOND_READER_SEED,
-                            icc_patients: int | None = ICC_PATIENTS_PER_SITE) -> dict[str, dict]:
+                            icc_patients: int | None = ICC_PATIENTS_PER_SITE,
+                            holdouts: list[Site] = (), book=None) -> dict[str, dict]:
     """The demo report's rows for CR / R / RCR trained federated on the demo's sites.
 
     Each :class:`~hccfed.client.site.Site` gives its rows (``Site.classical``: the same patients and
@@ -88,6 +128,10 @@ def classical_model_results(sites: list[Site], harmonize: bool = True, params: s
     """
     rows = [site.classical(params, second_reader_seed, icc_patients) for site in sites]
     out = run_classical_models(rows, sites[0].seed, n_folds, harmonize)
+    if holdouts:  # the benchmark: each model on the held-out cohorts instead of the test splits
+        held = score_holdouts(out, list(holdouts), params, book)
+        for key, r in out.items():
+            r["test"], r["figures"] = held[REPORT_NAMES[key]]["test"], held[REPORT_NAMES[key]]["figures"]
     return {REPORT_NAMES[key]: {"test": r["test"], "figures": r["figures"],
                                 "train_patients": int(sum(r["sites"]["n_train"].values())),
                                 "features": r["model"].features, "harmonized": bool(r["sites"]["harmonized_columns"]),

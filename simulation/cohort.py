@@ -96,6 +96,9 @@ class SiteProfile:
     max_rotation_deg: float = 3.0
     max_shift_mm: float = 4.0
     id_prefix: str = ""  # patient ids <prefix>0001; default: the site id's last letter
+    #: Index of the first patient: its random streams and id. 0 for a hospital's cohort; the held-out
+    #: evaluation cohort of the same hospital (:func:`holdout_profiles`) starts at HOLDOUT_FIRST_INDEX.
+    first_index: int = 0
 
     @property
     def prefix(self) -> str:
@@ -120,6 +123,23 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
                 aggressiveness_shift=-0.05, cirrhosis_shift=-0.1, hepatitis_mix=(0.20, 0.30, 0.30, 0.20),
                 age_mean=66.0),
 )
+
+
+#: The synthetic scans' field of view (mm): x, y, z.
+DEFAULT_FOV_MM: tuple[float, float, float] = (320.0, 320.0, 200.0)
+
+#: First patient index of a hospital's held-out evaluation cohort: far beyond any cohort's size, so its
+#: patients (streams and ids) are never those of the hospital's own cohort, whatever its size.
+HOLDOUT_FIRST_INDEX = 100_000
+
+
+def holdout_profiles(sites: Iterable[SiteProfile], n_patients: int) -> tuple[SiteProfile, ...]:
+    """Each hospital's held-out evaluation cohort: ``n_patients`` new patients of the same hospital
+    (same site id, scanner and case mix, so the same site YAML applies), ids ``<prefix>100001`` on.
+    The benchmark (:mod:`hccfed.simulation.benchmark`) reports on them; no choice ever sees them."""
+    if n_patients < 1:
+        raise ValueError(f"the held-out cohort needs at least 1 patient per hospital, got {n_patients}")
+    return tuple(dataclasses.replace(s, n_patients=n_patients, first_index=HOLDOUT_FIRST_INDEX) for s in sites)
 
 
 def oracle_path(out_dir: Path) -> Path:
@@ -225,7 +245,7 @@ def generate_tabular(site: SiteProfile, seed: int) -> pd.DataFrame:
     """One row per patient: clinical values (canonical units), outcome, latent variables,
     the true risk, and the tumour phenotype the images are rendered from."""
     rows = []
-    for index in range(site.n_patients):
+    for index in range(site.first_index, site.first_index + site.n_patients):
         tabular_seq, _ = _streams(seed, site.site_id, index)
         row = _draw_patient(site, np.random.default_rng(tabular_seq))
         rows.append({"site_id": site.site_id, "patient_id": f"{site.prefix}{index + 1:04d}", **row})
@@ -285,10 +305,10 @@ def _image_job(site: SiteProfile, row: pd.Series, index: int, site_dir: Path, se
 
 
 def render_site_patient(site: SiteProfile, seed: int, index: int,
-                        fov_mm: tuple[float, float, float] = (320.0, 320.0, 200.0)) -> RenderedPatient:
+                        fov_mm: tuple[float, float, float] = DEFAULT_FOV_MM) -> RenderedPatient:
     """Render patient ``index`` (0-based) of a site in memory, exactly as the cohort writes it,
     with the liver outline and the motion (for tests and inspection)."""
-    row = generate_tabular(dataclasses.replace(site, n_patients=index + 1), seed).iloc[index]
+    row = generate_tabular(dataclasses.replace(site, n_patients=index + 1, first_index=0), seed).iloc[index]
     _, _, tumours, cirrhosis, scanner, image_seq = _image_job(site, row, index, Path("."), seed, fov_mm)
     return render_patient(tumours, cirrhosis, scanner, np.random.default_rng(image_seq))
 
@@ -317,7 +337,8 @@ def _write_site(out_dir: Path, site: SiteProfile, seed: int, fov_mm, tabular_onl
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     (site_dir / "masks").mkdir(parents=True, exist_ok=True)
     if not tabular_only:
-        jobs = [_image_job(site, row, index, site_dir, seed, fov_mm) for index, row in tabular.iterrows()]
+        jobs = [_image_job(site, row, site.first_index + index, site_dir, seed, fov_mm)
+                for index, row in tabular.iterrows()]
         with tqdm(total=len(jobs), desc=f"synth {site.site_id}", unit="patient", disable=not progress) as bar:
             _run_jobs(jobs, pool, bar)
     site_manifest(site, tabular).to_csv(site_dir / "manifest.csv", index=False)
@@ -325,7 +346,7 @@ def _write_site(out_dir: Path, site: SiteProfile, seed: int, fov_mm, tabular_onl
 
 
 def synthesize_cohort(out_dir: Path, seed: int = 0, sites: Iterable[SiteProfile] = DEFAULT_SITES,
-                      fov_mm: tuple[float, float, float] = (320.0, 320.0, 200.0), tabular_only: bool = False,
+                      fov_mm: tuple[float, float, float] = DEFAULT_FOV_MM, tabular_only: bool = False,
                       workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Write the cohort under ``out_dir``; return what ``out_dir/cohort.json`` holds.
 

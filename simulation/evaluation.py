@@ -27,7 +27,8 @@ from hccfed.client.training import predict
 from hccfed.common.metrics.federated_delong import (delong_paired_from_sums, placement_request, placement_sums,
                                                      pool_placement_sums)
 from hccfed.common.metrics.summaries import AUC_KEYS, pool_summaries, site_summary
-from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures, validation_threshold
+from hccfed.server.federated_eval import (pooled_clinical_figures, pooled_figures, recalibrated_clinical_figures,
+                                          validation_threshold)
 from hccfed.server.pooling import with_holm
 from hccfed.simulation.cohort import oracle_path
 
@@ -79,11 +80,15 @@ class TestPredictions:
         return sorted(set.intersection(*sets)) if sets else []
 
 
+def _validation_summaries(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return [evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
+            for _, data, logits, risks in rows]
+
+
 def operating_threshold(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> float | None:
     """Youden's threshold of the pooled score tables of validation (site, data, logits, log-risks);
     None without validation patients of both classes (the operating point is then not reported)."""
-    summaries = [evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
-                 for _, data, logits, risks in rows]
+    summaries = _validation_summaries(rows)
     try:
         return validation_threshold(summaries) if summaries else None
     except ValueError:
@@ -91,22 +96,29 @@ def operating_threshold(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]
 
 
 def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]],
-                    validation: list[tuple[str, SplitData, np.ndarray, np.ndarray]] = ()) -> dict[str, Any]:
+                    validation: list[tuple[str, SplitData, np.ndarray, np.ndarray]] = (),
+                    recalibration: str = "platt") -> dict[str, Any]:
     """Pooled and per-site figures from (site, data, logits, log-risks) of the test patients, through the
-    sites' tables; the operating point at the threshold chosen on ``validation`` (same form)."""
+    sites' tables; the operating point at the threshold chosen on ``validation`` (same form), and the
+    calibration figures after ``recalibration`` ("platt", "isotonic"; "none": not) fitted on
+    ``validation``'s pooled score tables, as a federated run's server does (``recalibrated``)."""
     summaries, clinical = {}, []
     for site_id, data, logits, risks in rows:
         values = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
         summaries[site_id] = evaluation_summary(*values)
         clinical.append(clinical_summary(*values))
     threshold = operating_threshold(list(validation))
-    return {"test": pooled_figures(list(summaries.values())),
-            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
-            "figures": pooled_clinical_figures(clinical, threshold, THRESHOLD_SOURCE)}
+    out = {"test": pooled_figures(list(summaries.values())),
+           "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
+           "figures": pooled_clinical_figures(clinical, threshold, THRESHOLD_SOURCE)}
+    if validation and recalibration != "none":
+        out["recalibrated"] = recalibrated_clinical_figures(clinical, _validation_summaries(list(validation)),
+                                                            recalibration, threshold, THRESHOLD_SOURCE)
+    return out
 
 
 def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | None = None,
-                     book: TestPredictions | None = None) -> dict[str, Any]:
+                     book: TestPredictions | None = None, recalibration: str = "platt") -> dict[str, Any]:
     """Test figures of ``model`` on ``sets`` through the same summary path as a federated run (its
     operating point from ``sets.validation``); its test scores go into ``book`` (under ``name``)
     for the paired DeLong tests."""
@@ -117,7 +129,7 @@ def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | N
         if book is not None and name is not None:
             book.add(name, site_id, data, logits)
     validation = [(site_id, data, *predict(model, data)) for site_id, data in getattr(sets, "validation", [])]
-    return evaluate_scores(rows, validation)
+    return evaluate_scores(rows, validation, recalibration)
 
 
 def paired_delong_tests(book: TestPredictions, reference: str | None = "federated") -> dict[str, Any]:
@@ -151,10 +163,12 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
     return {"status": "computed", "tests": with_holm(tests)}
 
 
-def oracle_figures(data_dir: Path, sets: EvaluationSets) -> dict[str, Any]:
+def oracle_figures(data_dir: Path | list[Path], sets: EvaluationSets) -> dict[str, Any]:
     """The generator's true risk on the same test patients: the best any model can do (its operating
-    point chosen on the validation patients' true risks)."""
-    oracle = pd.read_csv(oracle_path(data_dir)).set_index(["site_id", "patient_id"])
+    point chosen on the validation patients' true risks). ``data_dir``: the cohort folder, or several
+    (a cohort and its held-out cohorts)."""
+    folders = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
+    oracle = pd.concat([pd.read_csv(oracle_path(d)) for d in folders]).set_index(["site_id", "patient_id"])
 
     def rows(pairs):
         out = []

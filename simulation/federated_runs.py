@@ -37,7 +37,11 @@ def describe_privacy(run: RunConfig) -> str:
 def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: EvaluationSets,
                   external: str | None, book: TestPredictions) -> dict[str, Any]:
     """One federated training through Flower on a local SuperLink, its figures on ``sets``, what each site
-    sent per round and (under DP-SGD) the epsilon each spent. Its scores go into ``book``."""
+    sent per round and (under DP-SGD) the epsilon each spent. Its scores go into ``book``.
+
+    ``external``: None when ``sets`` are the training hospitals' test splits (the run's own test figures
+    stand); otherwise what ``sets`` are (a held-out hospital, held-out cohorts): their figures replace
+    the run's, which are kept as ``internal_test``."""
     folder = Path(run.run_dir)
     log.info(f"{name}: {len(train_sites)} sites, {run.num_server_rounds} rounds, encoder {run.encoder}, "
          f"strategy {run.strategy}{describe_privacy(run)} (Flower simulation)")
@@ -47,8 +51,8 @@ def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: Eval
              echo=lambda line: log.info("  %s", line.split(":", 1)[-1].strip()))
     result = json.loads((folder / "federated.json").read_text())
     if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
-        internal = {k: result[k] for k in ("test", "test_per_site", "figures") if k in result}
-        tested = evaluate_on_test(federated_model(run), sets, name, book)
+        internal = {k: result[k] for k in ("test", "test_per_site", "figures", "recalibrated") if k in result}
+        tested = evaluate_on_test(federated_model(run), sets, name, book, run.recalibration)
         if external is None and "figures" in result:  # the operating point at the validation threshold
             result["figures"]["threshold"] = tested["figures"]["threshold"]
         if external is not None:

@@ -66,7 +66,7 @@ def train_reference(name: str, sites_for_training: list[Site], sets: EvaluationS
             best_auc, best_step = (auc if np.isfinite(auc) else best_auc), step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    result = evaluate_on_test(model, sets, name, book)
+    result = evaluate_on_test(model, sets, name, book, run.recalibration)
     result["selected_round"] = best_step
     result["seconds"] = time.time() - started
     result["train_patients"] = len(data)
@@ -97,6 +97,8 @@ def clinical_logistic_regression(sites: list[Site], sets: EvaluationSets,
         rows.append((site_id, data, score, score))
         if book is not None:
             book.add(name, site_id, data, score)
-    return {**evaluate_scores(rows), "train_patients": int(known.sum())}
+    validation = [(site_id, data, *(2 * [model.decision_function(data.clinical.numpy())]))
+                  for site_id, data in getattr(sets, "validation", [])]
+    return {**evaluate_scores(rows, validation), "train_patients": int(known.sum())}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hccfed.common.run_config import RunConfig, option
 from hccfed.common.site_config import relocated_site_config
-from hccfed.simulation.cohort import DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, synthesize_cohort
+from hccfed.simulation.cohort import DEFAULT_FOV_MM, DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, synthesize_cohort
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("hccfed.simulate")
@@ -29,6 +29,8 @@ class SimulationSettings:
     runs_dir: Path = option(REPO_ROOT / "runs", "where runs/<id>/ goes")
     cache_dir: Path = option(REPO_ROOT / ".cache" / "prepared", "the sites' preparation caches", cli=False)
     sites: tuple[SiteProfile, ...] = option(DEFAULT_SITES, "the synthetic hospitals", cli=False)
+    fov_mm: tuple[float, float, float] | None = option(None, "the synthetic scans' field of view (mm); None: the "
+                                                       "cohort's on disk, or the default for a new one", cli=False)
     run_id: str | None = option(None, "the run's folder name under the runs folder (default: the time)")
     workers: int | None = option(None, "processes for the cohort, preparation and radiomics (default: all cores)")
     baselines: bool = option(True, "skip the references (centralized, local-only, clinical-only, image-only)")
@@ -52,12 +54,13 @@ def ensure_cohort(settings: SimulationSettings) -> None:
         info = json.loads(info_path.read_text())
         wanted = {s.site_id: s.n_patients for s in settings.sites}
         if (info.get("seed") == settings.seed and info.get("counts") == wanted
-                and not info.get("tabular_only") and info.get("generator_version") == GENERATOR_VERSION):
+                and settings.fov_mm in (None, tuple(info.get("fov_mm", ()))) and not info.get("tabular_only")
+                and info.get("generator_version") == GENERATOR_VERSION):
             log.info("synthetic cohort found in %s", settings.data_dir)
             return
     log.info("generating the synthetic cohort in %s (seed %d)", settings.data_dir, settings.seed)
     synthesize_cohort(settings.data_dir, seed=settings.seed, sites=settings.sites,
-                      workers=settings.workers or 2, progress=True)
+                      fov_mm=settings.fov_mm or DEFAULT_FOV_MM, workers=settings.workers or 2, progress=True)
 
 
 def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:

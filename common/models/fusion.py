@@ -23,7 +23,7 @@ from torch import nn
 
 from hccfed.common.models.resnet import ResNet10Encoder3d
 from hccfed.common.models.vit import ViTEncoder3d
-from hccfed.common.run_config import ENCODERS
+from hccfed.common.run_config import ENCODERS, TABULAR_NORMS
 
 if TYPE_CHECKING:
     from hccfed.common.run_config import RunConfig
@@ -109,7 +109,7 @@ class FusionNet(nn.Module):
     def __init__(self, in_channels: int, n_clinical: int, encoder: str = "cnn",
                  width: int = 12, image_dim: int = 8, hidden: int = 32, dropout: float = 0.2,
                  kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4,
-                 n_radiomics: int = 0):
+                 n_radiomics: int = 0, tabular_norm: str = "layer"):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -129,9 +129,11 @@ class FusionNet(nn.Module):
             # few dimensions, so a wide image embedding cannot drown the clinical vector.
             self.image_proj = nn.Sequential(nn.LayerNorm(n_raw), nn.Dropout(dropout), nn.Linear(n_raw, image_dim))
             n_image = image_dim
+        if tabular_norm not in TABULAR_NORMS:
+            raise ValueError(f"tabular_norm must be one of {TABULAR_NORMS}, got {tabular_norm!r}")
         self.n_radiomics = n_radiomics
-        self.radiomics_norm = nn.LayerNorm(n_radiomics) if n_radiomics else None
-        self.clinical_norm = nn.LayerNorm(n_clinical) if n_clinical else None
+        self.radiomics_norm = _tabular_norm(tabular_norm, n_radiomics)
+        self.clinical_norm = _tabular_norm(tabular_norm, n_clinical)
         n_in = n_image + n_radiomics + n_clinical
         self.head = (nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
                      if hidden else nn.Linear(n_in, 2))
@@ -153,6 +155,16 @@ class FusionNet(nn.Module):
             parts.append(self.clinical_norm(clinical))
         out = self.head(torch.cat(parts, dim=1))
         return out[:, 0], out[:, 1]
+
+
+def _tabular_norm(kind: str, n: int) -> nn.Module | None:
+    """How the radiomics or clinical vector enters the head (``TABULAR_NORMS``): "layer", a LayerNorm
+    over each patient's vector (it rescales each patient by the spread of its own features: over 2
+    radiomics features it leaves only the sign of their difference); "none", as it comes (the clinical
+    vector is harmonised at the site and the radiomics standardised against its patients)."""
+    if not n:
+        return None
+    return nn.LayerNorm(n) if kind == "layer" else nn.Identity()
 
 
 def _encoder(name: str, in_channels: int, width: int, patch_size: int, depth: int, heads: int) -> nn.Module | None:
@@ -185,7 +197,7 @@ def model_from_run_config(config: "RunConfig", in_channels: int, n_clinical: int
     """The run's FusionNet (encoder, width and ViT options from the run config), seeded by its seed."""
     return build_model(config.encoder, in_channels, n_clinical, width=config.encoder_width, seed=config.seed,
                        patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads,
-                       n_radiomics=len(config.radiomics_features))
+                       n_radiomics=len(config.radiomics_features), tabular_norm=config.tabular_norm)
 
 
 def norm_parameter_names(model: nn.Module) -> list[str]:

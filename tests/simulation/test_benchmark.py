@@ -1,0 +1,109 @@
+"""The benchmark: held-out cohorts never seen by a choice, every model on the same patients, figures over seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from hccfed.common.run_config import RunConfig
+from hccfed.simulation.benchmark import BenchmarkSettings, combine_paired, run_benchmark, summarize
+from hccfed.simulation.cohort import DEFAULT_SITES, HOLDOUT_FIRST_INDEX, generate_tabular, holdout_profiles
+from site_fixtures import TINY_FOV_MM
+
+HOLDOUT = 12
+
+
+def test_holdout_patients_are_new_patients_of_the_same_hospital():
+    site = dataclasses.replace(DEFAULT_SITES[1], n_patients=30)
+    cohort = generate_tabular(site, seed=3)
+    (held,) = holdout_profiles((site,), 25)
+    holdout = generate_tabular(held, seed=3)
+    assert held.site_id == site.site_id and held.config_path == site.config_path and held.first_index == HOLDOUT_FIRST_INDEX
+    assert len(holdout) == 25 and not set(holdout["patient_id"]) & set(cohort["patient_id"])
+    assert not np.isin(holdout["aggressiveness"].to_numpy(), cohort["aggressiveness"].to_numpy()).any()
+    # the cohort itself does not depend on the held-out one, nor on its own size (patient i is patient i)
+    bigger = generate_tabular(dataclasses.replace(site, n_patients=40), seed=3)
+    assert bigger.iloc[:30]["aggressiveness"].tolist() == cohort["aggressiveness"].tolist()
+    with pytest.raises(ValueError, match="at least 1 patient"):
+        holdout_profiles((site,), 0)
+
+
+def test_the_development_seed_is_refused_and_seeds_are_parsed():
+    assert BenchmarkSettings(seeds="1, 2,3").seed_list() == [1, 2, 3]
+    assert BenchmarkSettings(quick=True).seed_list() == [1, 2] and BenchmarkSettings(quick=True).holdout_size() == 200
+    assert BenchmarkSettings(dev=True, dev_seed=3, seeds="1,3").seed_list() == [3]  # choices are made on it
+    with pytest.raises(ValueError, match="development seed 0"):
+        BenchmarkSettings(seeds="0,1").seed_list()
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        BenchmarkSettings(seeds="1;2").seed_list()
+    with pytest.raises(ValueError, match="choose among"):
+        BenchmarkSettings(encoders="cnn,unet").encoder_list()
+
+
+def test_paired_differences_combine_by_inverse_variance():
+    tests = [{"diff": 0.04, "se": 0.02}, {"diff": -0.01, "se": 0.05}, {"diff": 0.02, "se": 0.01}]
+    w = np.array([1 / 0.02**2, 1 / 0.05**2, 1 / 0.01**2])
+    d = float(np.dot(w, [0.04, -0.01, 0.02]) / w.sum())
+    out = combine_paired(tests)
+    assert out["diff"] == pytest.approx(d) and out["se"] == pytest.approx(w.sum() ** -0.5)
+    assert out["p_value"] == pytest.approx(2 * norm.sf(d * w.sum() ** 0.5)) and out["seeds"] == 3
+    one = combine_paired(tests[:1])  # one seed: its own test
+    assert one["z"] == pytest.approx(2.0) and one["ci_lower"] == pytest.approx(0.04 - 1.959964 * 0.02, abs=1e-6)
+    with pytest.raises(ValueError, match="se > 0"):
+        combine_paired([{"diff": 0.1, "se": 0.0}])
+
+
+def test_summary_spreads_over_seeds_and_skips_failed_figures():
+    def seed(auc, slope):
+        row = {"auc": auc, "c_index": 0.6, "calibration_slope": slope, "recalibrated_slope": 1.0, "brier": 0.2}
+        return {"models": {"m": row}, "oracle": dict(row, auc=0.85),
+                "paired_delong": {"tests": [{"model_a": "m", "model_b": "n", "diff": 0.01, "se": 0.01},
+                                            {"model_a": "m", "model_b": "k", "error": "too few positives"}]}}
+
+    out = summarize([seed(0.70, 0.5), seed(0.74, float("nan"))])
+    assert out["models"]["m"]["auc"]["mean"] == pytest.approx(0.72)
+    assert out["models"]["m"]["auc"]["sd"] == pytest.approx(np.std([0.70, 0.74], ddof=1))
+    assert out["models"]["m"]["calibration_slope"]["n"] == 1  # a seed without the figure is not a zero
+    assert out["models"]["oracle"]["per_seed_auc"] == [0.85, 0.85]
+    assert [(t["model_a"], t["model_b"], t["seeds"]) for t in out["paired_delong_combined"]] == [("m", "n", 2)]
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
+    settings = BenchmarkSettings(out_dir=tmp_path / "bench", cohorts_dir=tmp_path / "cohorts", seeds="5", holdout=HOLDOUT, workers=1,
+                                 sites=tiny_site_profiles, fov_mm=TINY_FOV_MM,
+                                 run=RunConfig(num_server_rounds=2, batch_size=4, encoder_width=4))
+    out = run_benchmark(settings)
+    result = json.loads((out / "benchmark.json").read_text())
+    (seed,) = result["per_seed"]
+    assert seed["held_out_patients"] == {p.site_id: HOLDOUT for p in tiny_site_profiles}
+    models = seed["models"]
+    assert {"federated cnn", "centralized cnn", "clinical-only (centralized)",
+            "clinical logistic regression (centralized)", "CR (federated)", "RCR (federated)"} <= set(models)
+    for name, row in models.items():  # every model is tested on all the held-out patients
+        assert row["patients"] == HOLDOUT * len(tiny_site_profiles), name
+        assert 0.0 <= row["auc"] <= 1.0, name
+    # every model learned from the same patients: the training splits
+    assert {models[m]["train_patients"] for m in ("centralized cnn", "CR (federated)", "RCR (federated)")} == {
+        sum(seed["train_patients"].values())}
+    tested = {(t["model_a"], t["model_b"]) for t in seed["paired_delong"]["tests"]}
+    assert ("federated cnn", "centralized cnn") in tested
+    assert set(result["summary"]["models"]) == set(models) | {"oracle"}
+    assert (out / "benchmark.png").stat().st_size > 0
+    assert "| federated cnn |" in (out / "benchmark.md").read_text()
+    # the held-out cohort: new ids of each hospital, none in its cohort
+    data = tmp_path / "cohorts" / "seed-5"
+    for p in tiny_site_profiles:
+        cohort = set(np.loadtxt(data / "data" / p.site_id / "manifest.csv", delimiter=",", skiprows=1, usecols=0,
+                                dtype=str))
+        held = set(np.loadtxt(data / "holdout" / p.site_id / "manifest.csv", delimiter=",", skiprows=1, usecols=0,
+                              dtype=str))
+        assert len(held) == HOLDOUT and not cohort & held
+    # a rerun with the same settings reuses the seed's results
+    kept = (out / "seed-5" / "benchmark-seed.json").stat().st_mtime_ns
+    run_benchmark(settings)
+    assert (out / "seed-5" / "benchmark-seed.json").stat().st_mtime_ns == kept
