@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 NUMPY_SPEC ?= numpy==2.3.5
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench benchmark benchmark-quick install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m hccfed.simulation.bench
 
+# Ranking the models: several cohort seeds, each hospital's large held-out cohort (runs/benchmark/).
+# BENCHMARK_ARGS="--encoders cnn,vit --device cuda" passes options through.
+benchmark: $(STAMP)
+	$(VENV)/bin/hccfed benchmark $(BENCHMARK_ARGS)
+
+benchmark-quick: $(STAMP)
+	$(VENV)/bin/hccfed benchmark --quick $(BENCHMARK_ARGS)
+
 clean:
-	rm -rf .cache runs data/synthetic
+	rm -rf .cache runs data/synthetic data/benchmark

@@ -87,7 +87,7 @@ class RunConfig:
     vit_patch_size: int = option(8, "ViT patch size (voxels)", group="model", minimum=1)
     vit_depth: int = option(4, "ViT transformer blocks", group="model", minimum=1)
     vit_heads: int = option(4, "ViT attention heads", group="model", minimum=1)
-    tabular_norm: str = option("layer", "how the radiomics and clinical vectors enter the fusion head: a "
+    tabular_norm: str = option("none", "how the radiomics and clinical vectors enter the fusion head: a "
                                "LayerNorm over each patient's vector, or as the site harmonised them",
                                group="model", choices=TABULAR_NORMS)
     augment: str = option("flip-shift", "local augmentation: mirror flips and small shifts, MONAI-style small "

@@ -146,7 +146,9 @@ def test_the_fusion_model_takes_the_sites_standardised_radiomics(tiny_cohort):
                                   len(clinical_feature_names()))
     state = model.state_dict()
     new, metrics = _train(state, {"server-round": 1}, run_config, 2)
-    assert not torch.equal(new["radiomics_norm.weight"], state["radiomics_norm.weight"])  # it learnt from them
+    # it learnt from them: the head's weights on the radiomics inputs (after the image's, before the clinical's)
+    start = model.head[0].in_features - 3 - len(clinical_feature_names())
+    assert not torch.equal(new["head.0.weight"][:, start:start + 3], state["head.0.weight"][:, start:start + 3])
     _, summary, site_id = _evaluate(new, {"split": "test"}, run_config, 2)
     assert site_id == "hospital_c" and int(summary["cidx_all"].sum()) > 0
     # without its radiomics the model refuses to predict rather than silently using zeros

@@ -31,6 +31,21 @@ def test_same_seed_same_weights_and_global_rng_untouched():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_per_patient_layer_norm_leaves_two_radiomics_only_their_order():
+    """What tabular_norm "none" is for: a LayerNorm over each patient's 2 radiomics features maps
+    (x1, x2) to about (-1, 1) or (1, -1), so the head cannot see how large they are."""
+    clinical = torch.zeros(4, 7)
+    small, large = torch.tensor([[0.1, 0.2]] * 4), torch.tensor([[-3.0, 2.5]] * 4)
+    outputs = {}
+    for norm in ("layer", "none"):
+        model = build_model("none", 5, 7, seed=1, n_radiomics=2, tabular_norm=norm).eval()
+        outputs[norm] = [model(torch.zeros(4, 5, 8, 8, 8), clinical, r)[0] for r in (small, large)]
+    assert torch.allclose(*outputs["layer"], atol=1e-3)  # the magnitude is lost
+    assert not torch.allclose(*outputs["none"], atol=1e-3)  # it reaches the head
+    with pytest.raises(ValueError, match="tabular_norm must be one of"):
+        FusionNet(5, 7, tabular_norm="batch")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"encoder": "resnet1000"}, "encoder must be one of"),
     ({"in_channels": 1}, "in_channels"),
@@ -133,8 +148,11 @@ def test_norm_parameter_names_are_the_group_and_layer_norms():
     names = norm_parameter_names(model)
     state = model.state_dict()
     assert names and set(names) <= set(state)
-    assert any(".norm1.weight" in n for n in names) and "clinical_norm.weight" in names
+    assert any(".norm1.weight" in n for n in names) and "image_proj.0.weight" in names
+    assert "clinical_norm.weight" not in names  # the clinical vector enters as given (tabular_norm "none")
     assert not any("conv" in n for n in names)
+    layered = build_model("resnet10", 5, 7, seed=0, tabular_norm="layer", **TINY["resnet10"])
+    assert "clinical_norm.weight" in norm_parameter_names(layered)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
