@@ -7,6 +7,7 @@
                                                      a hospital's readiness before it joins (exit 1: a check failed)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
+    hccfed pretrain  [--pretrain-rounds N] [--archive N]  federated masked-autoencoder pretraining of the cnn
     hccfed benchmark [--quick] [--seeds 1,2,3,4] [--holdout N] [--encoders cnn,vit] [--device cuda]
                                                      rank the models on large held-out cohorts over seeds
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
@@ -155,6 +156,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from hccfed.common.run_config import RunConfig, from_arguments
+    from hccfed.simulation.pretraining import pretrain_demo
+    from hccfed.simulation.settings import SimulationSettings
+
+    settings = from_arguments(args, SimulationSettings, run=from_arguments(args, RunConfig))
+    out = pretrain_demo(settings, args.pretrain_rounds, args.archive, Path(args.out) if args.out else None)
+    print(f"pretrained encoder: {out['path']}\nfine-tune from it: hccfed simulate --pretrained-encoder {out['path']}")
+    return 0
+
+
 def _minimum(args: argparse.Namespace):
     from hccfed.common.metrics.summary_checks import MinimumCells
 
@@ -262,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
     _add_simulate_arguments(simulate)
     simulate.set_defaults(func=_simulate)
+    pretrain = sub.add_parser("pretrain", help="federated self-supervised pretraining of the cnn encoder (masked "
+                              "autoencoder) on the synthetic hospitals' scans")
+    pretrain.add_argument("--pretrain-rounds", type=int, default=20, help="federated rounds (default: 20)")
+    pretrain.add_argument("--archive", type=int, default=0, help="unlabelled scans per hospital in its archive, "
+                          "pretrained on beside the training split (default: 0)")
+    pretrain.add_argument("--out", help="the encoder file (default: <runs>/pretrain/encoder.pt)")
+    _add_simulate_arguments(pretrain)
+    pretrain.set_defaults(func=_pretrain)
     benchmark = sub.add_parser("benchmark", help="rank the models: several cohort seeds, each hospital's large "
                                "held-out cohort (table and plot)")
     _add_benchmark_arguments(benchmark)

@@ -90,6 +90,9 @@ class RunConfig:
     tabular_norm: str = option("none", "how the radiomics and clinical vectors enter the fusion head: a "
                                "LayerNorm over each patient's vector, or as the site harmonised them",
                                group="model", choices=TABULAR_NORMS)
+    pretrained_encoder: str = option("", "the file of `hccfed pretrain` (its encoder.pt) whose encoder weights the "
+                                     "fusion model starts from; empty: random initialisation", group="model",
+                                     metavar="FILE")
     augment: str = option("flip-shift", "local augmentation: mirror flips and small shifts, MONAI-style small "
                           "affine transforms, or none", group="model", choices=AUGMENTATIONS)
     strategy: str = option("fedavg", "aggregation, weighted by training patients: FedAvg, FedProx "

@@ -45,8 +45,22 @@ def discrimination_rows(models: dict[str, dict]) -> list[dict[str, str]]:
             "Brier": fmt(f.get("brier") if not isinstance(f.get("brier"), dict) else None),
             "calibration slope / intercept": f"{fmt(calibration.get('slope'), 2)} / {fmt(calibration.get('intercept'), 2)}",
             "Hosmer-Lemeshow p": fmt_p(hl.get("p_value")),
+            "recalibrated on validation: slope / intercept, Brier": recalibrated_text(f.get("recalibrated")),
         })
     return rows
+
+
+def recalibrated_text(block: Any) -> str:
+    """The test calibration after the recalibration fitted on the validation patients, or why there is none."""
+    if not isinstance(block, dict):
+        return "-"
+    if "error" in block:
+        return f"- ({block['error']})"
+    figures = block.get("figures") or {}
+    calibration = _ok(figures.get("calibration"))
+    brier = figures.get("brier") if not isinstance(figures.get("brier"), dict) else None
+    return (f"{fmt(calibration.get('slope'), 2)} / {fmt(calibration.get('intercept'), 2)}, {fmt(brier)} "
+            f"({block.get('method')}, {int(_ok(block.get('fitted_on')).get('n_patients', 0))} patients)")
 
 
 def threshold_rows(models: dict[str, dict]) -> list[dict[str, str]]:

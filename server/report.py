@@ -99,10 +99,7 @@ def _model_figures(metrics: dict[str, Any]) -> dict[str, dict]:
     models = metrics["models"]
     for name in [n for n in ORDER if n in models] + sorted(n for n in models if n not in ORDER):
         if "figures" in models[name]:
-            out[name] = models[name]["figures"]
-        recalibrated = models[name].get("recalibrated") or {}
-        if "figures" in recalibrated:  # the same scores, risks recalibrated on the validation patients
-            out[f"{name}, recalibrated ({recalibrated['method']}, on validation)"] = recalibrated["figures"]
+            out[name] = {**models[name]["figures"], "recalibrated": models[name].get("recalibrated")}
     return out
 
 

@@ -234,6 +234,11 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     atomic_write_text(run_dir / "plan.json", json.dumps({"plan": json.loads(plan.to_json()),
                                                          "fingerprints": fingerprints}, indent=2))
     model = model_from_run_config(config, len(IMAGE_CHANNELS), len(clinical_feature_names()))
+    if config.pretrained_encoder:  # the sites receive these weights with round 1, like any initial model
+        from hccfed.common.models.pretrain import load_pretrained_encoder
+
+        LOG.info("encoder initialised from %s (%s)", config.pretrained_encoder,
+                 load_pretrained_encoder(model, config.pretrained_encoder))
     evaluation = PooledEvaluation()
     strategy = make_strategy(config, roster.minimum, evaluation)  # sampling never waits for more sites than that
     arrays = ArrayRecord(model.state_dict())

@@ -39,13 +39,14 @@ from scipy.stats import norm
 from hccfed.client.site import Site
 from hccfed.client.site_data import ALL
 from hccfed.common.run_config import RunConfig, option
-from hccfed.common.site_config import relocated_site_config
 from hccfed.simulation.classical_models import classical_model_results
-from hccfed.simulation.cohort import DEFAULT_FOV_MM, DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, holdout_profiles, synthesize_cohort
+from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle_figures, paired_delong_tests
 from hccfed.simulation.federated_runs import federated_run
+from hccfed.simulation.pretraining import federated_pretraining, pretraining_scans
 from hccfed.simulation.references import clinical_logistic_regression, train_reference
-from hccfed.simulation.settings import REPO_ROOT, SimulationSettings, effective_site_configs, ensure_cohort
+from hccfed.simulation.settings import (REPO_ROOT, SimulationSettings, effective_site_configs, ensure_cohort,
+                                       extension_sites)
 from hccfed.simulation.simulate import plan_sites
 
 log = logging.getLogger("hccfed.benchmark")
@@ -72,6 +73,10 @@ class BenchmarkSettings:
                            "each trained federated and centralized")
     quick: bool = option(False, f"quick mode: seeds {QUICK_SEEDS}, {QUICK_HOLDOUT} held-out patients per "
                          "hospital")
+    pretrain_rounds: int = option(0, "also fine-tune the cnn fusion model from a federated masked-autoencoder "
+                                  "pretraining of this many rounds on each hospital's training scans and archive "
+                                  "(rows '+ pretraining'; 0: not)", minimum=0)
+    archive: int = option(0, "scans per hospital in its unlabelled archive, for the pretraining", minimum=0)
     device: str = option("auto", "where models train: auto (CUDA when torch sees a GPU), cpu, or cuda "
                          "(refused without one)", choices=DEVICES)
     workers: int | None = option(None, "processes for the cohorts, preparation and radiomics (default: all cores)")
@@ -122,23 +127,6 @@ def select_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def ensure_holdout(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
-                   fov_mm: tuple[float, float, float] | None = None) -> None:
-    """Generate the held-out cohorts unless the same ones are on disk."""
-    info_path = data_dir / "cohort.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
-        if (info.get("seed") == seed and info.get("generator_version") == GENERATOR_VERSION
-                and fov_mm in (None, tuple(info.get("fov_mm", ())))
-                and info.get("counts") == {p.site_id: p.n_patients for p in profiles}
-                and [s.get("first_index") for s in info.get("sites", [])] == [p.first_index for p in profiles]):
-            return
-    log.info("generating the held-out cohorts in %s (seed %d, %d patients per hospital)", data_dir, seed,
-             profiles[0].n_patients)
-    synthesize_cohort(data_dir, seed=seed, sites=profiles, fov_mm=fov_mm or DEFAULT_FOV_MM, workers=workers or os.cpu_count() or 1,
-                      progress=True)
-
-
 def _seed_settings(settings: BenchmarkSettings, seed: int) -> SimulationSettings:
     root = settings.cohorts_dir / f"seed-{seed}"
     return SimulationSettings(data_dir=root / "data", runs_dir=settings.out_dir, cache_dir=root / "cache",
@@ -146,20 +134,9 @@ def _seed_settings(settings: BenchmarkSettings, seed: int) -> SimulationSettings
                               run=replace(settings.run, seed=seed))
 
 
-def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan) -> list[Site]:
-    """Each hospital's held-out evaluation cohort as a Site of that hospital (same YAML, other data and
-    cache), prepared by the training hospitals' plan."""
-    profiles = holdout_profiles(settings.sites, settings.holdout_size())
-    data_dir = sim.data_dir.parent / "holdout"
-    ensure_holdout(data_dir, sim.seed, profiles, settings.workers, settings.fov_mm)
-    run_dir = sim.runs_dir / sim.run_id
-    sites = []
-    for p in profiles:
-        config = relocated_site_config(p.config_path, data_dir / p.site_id, sim.cache_dir / "holdout" / p.site_id,
-                                       run_dir / "sites" / f"{p.site_id}-holdout.yaml")
-        sites.append(Site(config, sim.seed, workers=sim.workers, progress=True, plan=plan))
-        log.info("held-out cohort of %s: %d patients prepared", p.site_id, len(sites[-1].prepared))
-    return sites
+def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan, kind: str = "holdout") -> list[Site]:
+    """Each hospital's held-out evaluation cohort (``kind`` "archive": its unlabelled archive), prepared."""
+    return extension_sites(sim, kind, settings.holdout_size() if kind == "holdout" else settings.archive, plan)
 
 
 def prepare_seed(settings: BenchmarkSettings, seed: int) -> tuple[SimulationSettings, list[Path], list[Site],
@@ -187,12 +164,24 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     sets = EvaluationSets([(h.site_id, h.split(ALL)) for h in holdouts], [(s.site_id, s.split("val")) for s in sites])
     base = replace(sim.run, site_configs=tuple(str(p) for p in site_paths), radiomics_features=radiomics)
     models: dict[str, Any] = {}
-    for encoder in settings.encoder_list():
-        run = RunConfig.from_mapping(replace(base, encoder=encoder, run_dir=str(run_dir / f"federated-{encoder}"))
+    variants = [(encoder, "", "") for encoder in settings.encoder_list()]
+    archives: list[Site] = []
+    if settings.pretrain_rounds:
+        if "cnn" not in settings.encoder_list():
+            raise ValueError("--pretrain-rounds pretrains the cnn encoder: add cnn to --encoders")
+        archives = held_out_sites(settings, sim, sites[0].plan, "archive") if settings.archive else []
+        encoder_file = run_dir / "pretrain" / "encoder.pt"
+        pretraining = federated_pretraining(pretraining_scans(sites, archives), replace(base, encoder="cnn"),
+                                            settings.pretrain_rounds, encoder_file)
+        variants.append(("cnn", str(encoder_file), " + pretraining"))
+    for encoder, pretrained, suffix in variants:
+        run = RunConfig.from_mapping(replace(base, encoder=encoder, pretrained_encoder=pretrained,
+                                             run_dir=str(run_dir / f"federated-{encoder}{suffix.replace(' + ', '-')}"))
                                      .to_flwr())
-        models[f"federated {encoder}"] = federated_run(run, f"federated {encoder}", sites, sets,
-                                                       "held-out cohorts", book)
-        models[f"centralized {encoder}"] = train_reference(f"centralized {encoder}", sites, sets, run, encoder, book)
+        models[f"federated {encoder}{suffix}"] = federated_run(run, f"federated {encoder}{suffix}", sites, sets,
+                                                               "held-out cohorts", book)
+        models[f"centralized {encoder}{suffix}"] = train_reference(f"centralized {encoder}{suffix}", sites, sets, run,
+                                                                   encoder, book)
     models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sets, base, "none",
                                                             book, radiomics=False)
     models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, sets, book)
@@ -203,11 +192,14 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "config": _seed_config(settings, seed),
         "seconds": time.time() - started,
         "held_out_patients": {h.site_id: len(h) for h in holdouts},
+        "archive_patients": {a.site_id: len(a) for a in archives},
         "train_patients": {s.site_id: int(len(s.split_indices["train"])) for s in sites},
         "validation_patients": {s.site_id: int(len(s.split_indices["val"])) for s in sites},
         "models": {name: _model_row(m) for name, m in models.items()},
         "oracle": _model_row(oracle_figures([sim.data_dir, sim.data_dir.parent / "holdout"], sets)),
         "paired_delong": paired_delong_tests(book, reference),
+        **({"pretraining": {k: v for k, v in pretraining.items() if k != "history"},
+            "pretraining_loss": [h["loss"] for h in pretraining["history"]]} if settings.pretrain_rounds else {}),
     }
     (run_dir / "benchmark-seed.json").write_text(json.dumps(result, indent=2, default=float))
     log.info("seed %d done in %.1f min", seed, result["seconds"] / 60)
@@ -217,6 +209,7 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
 def _seed_config(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     """What a seed's results depend on: a kept result is reused only when these are the same."""
     return {"holdout": settings.holdout_size(), "encoders": settings.encoder_list(),
+            "pretrain_rounds": settings.pretrain_rounds, "archive": settings.archive,
             "sites": {p.site_id: p.n_patients for p in settings.sites},
             "run": replace(settings.run, seed=seed).to_flwr()}
 

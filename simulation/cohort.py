@@ -133,13 +133,20 @@ DEFAULT_FOV_MM: tuple[float, float, float] = (320.0, 320.0, 200.0)
 HOLDOUT_FIRST_INDEX = 100_000
 
 
-def holdout_profiles(sites: Iterable[SiteProfile], n_patients: int) -> tuple[SiteProfile, ...]:
+#: First patient index of a hospital's archive: scans for self-supervised pretraining (their outcomes
+#: are written like every patient's, and never read by the pretraining).
+ARCHIVE_FIRST_INDEX = 200_000
+
+
+def holdout_profiles(sites: Iterable[SiteProfile], n_patients: int,
+                     first_index: int = HOLDOUT_FIRST_INDEX) -> tuple[SiteProfile, ...]:
     """Each hospital's held-out evaluation cohort: ``n_patients`` new patients of the same hospital
     (same site id, scanner and case mix, so the same site YAML applies), ids ``<prefix>100001`` on.
-    The benchmark (:mod:`hccfed.simulation.benchmark`) reports on them; no choice ever sees them."""
+    The benchmark (:mod:`hccfed.simulation.benchmark`) reports on them; no choice ever sees them.
+    ``first_index=ARCHIVE_FIRST_INDEX``: the hospital's archive instead (other new patients)."""
     if n_patients < 1:
         raise ValueError(f"the held-out cohort needs at least 1 patient per hospital, got {n_patients}")
-    return tuple(dataclasses.replace(s, n_patients=n_patients, first_index=HOLDOUT_FIRST_INDEX) for s in sites)
+    return tuple(dataclasses.replace(s, n_patients=n_patients, first_index=first_index) for s in sites)
 
 
 def oracle_path(out_dir: Path) -> Path:

@@ -20,6 +20,7 @@ from hccfed.client.site import Site
 from hccfed.client.site_data import pooled_split
 from hccfed.client.training import TrainSettings, predict, train_local
 from hccfed.common.models.fusion import model_from_run_config
+from hccfed.common.models.pretrain import load_pretrained_encoder
 from hccfed.common.run_config import RunConfig
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.federated_eval import pooled_figures
@@ -54,6 +55,8 @@ def train_reference(name: str, sites_for_training: list[Site], sets: EvaluationS
     features = run.radiomics_features if radiomics else ()
     model = model_from_run_config(replace(run, encoder=encoder, radiomics_features=features),
                                   len(IMAGE_CHANNELS), n_clinical)
+    if run.pretrained_encoder and model.encoder is not None:  # as the federated run starts from it
+        load_pretrained_encoder(model, run.pretrained_encoder)
     data = pooled_split([site.split("train") for site in sites_for_training])
     torch.manual_seed(run.seed)
     best_auc, best_step, best_state = -np.inf, 0, None

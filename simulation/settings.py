@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hccfed.common.run_config import RunConfig, option
 from hccfed.common.site_config import relocated_site_config
-from hccfed.simulation.cohort import DEFAULT_FOV_MM, DEFAULT_SITES, GENERATOR_VERSION, SiteProfile, synthesize_cohort
+from hccfed.simulation.cohort import (ARCHIVE_FIRST_INDEX, DEFAULT_FOV_MM, DEFAULT_SITES, GENERATOR_VERSION,
+                                      HOLDOUT_FIRST_INDEX, SiteProfile, holdout_profiles, synthesize_cohort)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("hccfed.simulate")
@@ -67,3 +69,40 @@ def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[
     """Each site's YAML with absolute paths into this cohort, written into the run folder."""
     return [relocated_site_config(p.config_path, settings.data_dir / p.site_id, settings.cache_dir / p.site_id,
                                   run_dir / "sites" / f"{p.site_id}.yaml").source for p in settings.sites]
+
+
+def ensure_extension(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
+                     fov_mm: tuple[float, float, float] | None = None) -> None:
+    """Generate the hospitals' held-out cohorts (or archives) unless the same ones are on disk."""
+    info_path = data_dir / "cohort.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if (info.get("seed") == seed and info.get("generator_version") == GENERATOR_VERSION
+                and fov_mm in (None, tuple(info.get("fov_mm", ())))
+                and info.get("counts") == {p.site_id: p.n_patients for p in profiles}
+                and [s.get("first_index") for s in info.get("sites", [])] == [p.first_index for p in profiles]):
+            return
+    log.info("generating %s in %s (seed %d, %d patients per hospital)", data_dir.name, data_dir, seed,
+             profiles[0].n_patients)
+    synthesize_cohort(data_dir, seed=seed, sites=profiles, fov_mm=fov_mm or DEFAULT_FOV_MM,
+                      workers=workers or os.cpu_count() or 1, progress=True)
+
+
+def extension_sites(settings: SimulationSettings, kind: str, n_patients: int, plan) -> list:
+    """Each hospital's ``kind`` cohort ("holdout": its large held-out evaluation cohort; "archive": its
+    unlabelled scans for pretraining) of ``n_patients`` new patients, as a Site of that hospital (same YAML,
+    other data and cache: ``<data_dir>/../<kind>``), prepared by ``plan``."""
+    from hccfed.client.site import Site
+
+    first = {"holdout": HOLDOUT_FIRST_INDEX, "archive": ARCHIVE_FIRST_INDEX}[kind]
+    profiles = holdout_profiles(settings.sites, n_patients, first)
+    data_dir = settings.data_dir.parent / kind
+    ensure_extension(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
+    run_dir = settings.runs_dir / (settings.run_id or kind)
+    sites = []
+    for p in profiles:
+        config = relocated_site_config(p.config_path, data_dir / p.site_id, settings.cache_dir / kind / p.site_id,
+                                       run_dir / "sites" / f"{p.site_id}-{kind}.yaml")
+        sites.append(Site(config, settings.seed, workers=settings.workers, progress=True, plan=plan))
+        log.info("%s of %s: %d patients prepared", kind, p.site_id, len(sites[-1].prepared))
+    return sites

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hccfed.client.evaluation import clinical_summary, evaluation_summary
-from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures
+from hccfed.server.federated_eval import pooled_clinical_figures, pooled_figures, recalibrated_clinical_figures
 from hccfed.server.report import package_versions, write_report
 
 
@@ -24,8 +24,11 @@ def _sites(rng, strength, n=(80, 60)):
 
 def _entry(rng, strength):
     sites = _sites(rng, strength)
+    validation = [evaluation_summary(*s) for s in _sites(rng, strength, n=(30, 20))]
+    clinical = [clinical_summary(*s) for s in sites]
     return {"test": pooled_figures([evaluation_summary(*s) for s in sites]),
-            "figures": pooled_clinical_figures([clinical_summary(*s) for s in sites]), "train_patients": 40}
+            "figures": pooled_clinical_figures(clinical), "train_patients": 40,
+            "recalibrated": recalibrated_clinical_figures(clinical, validation)}
 
 
 def test_report_embeds_clinical_tables_plots_config_and_versions(tmp_path):
@@ -43,6 +46,8 @@ def test_report_embeds_clinical_tables_plots_config_and_versions(tmp_path):
     assert len(images) == 3 + 3  # ROC, calibration, decision + one Kaplan-Meier plot per row
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "| federated |" in (tmp_path / "report.md").read_text()
+    slope = metrics["models"]["federated"]["recalibrated"]["figures"]["calibration"]["slope"]
+    assert f"{slope:.2f} / " in page and "(platt, 50 patients)" in page  # the risks recalibrated on validation
 
 
 def test_clinical_summary_pools_to_the_per_patient_figures():

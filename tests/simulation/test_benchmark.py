@@ -75,7 +75,7 @@ def test_summary_spreads_over_seeds_and_skips_failed_figures():
 @pytest.mark.slow
 def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     settings = BenchmarkSettings(out_dir=tmp_path / "bench", cohorts_dir=tmp_path / "cohorts", seeds="5", holdout=HOLDOUT, workers=1,
-                                 sites=tiny_site_profiles, fov_mm=TINY_FOV_MM,
+                                 sites=tiny_site_profiles, fov_mm=TINY_FOV_MM, pretrain_rounds=1, archive=4,
                                  run=RunConfig(num_server_rounds=2, batch_size=4, encoder_width=4))
     out = run_benchmark(settings)
     result = json.loads((out / "benchmark.json").read_text())
@@ -90,6 +90,12 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     # every model learned from the same patients: the training splits
     assert {models[m]["train_patients"] for m in ("centralized cnn", "CR (federated)", "RCR (federated)")} == {
         sum(seed["train_patients"].values())}
+    # fine-tuned from the federated pretraining on each hospital's training scans and its 4-scan archive
+    assert {"federated cnn + pretraining", "centralized cnn + pretraining"} <= set(models)
+    archive = seed["archive_patients"]  # 4 each, but for patients the QC excluded
+    assert all(2 <= n <= 4 for n in archive.values())
+    assert seed["pretraining"]["scans"] == {s: n + archive[s] for s, n in seed["train_patients"].items()}
+    assert "encoder initialised from" in (out / "seed-5" / "flower-federated-cnn-pretraining.log").read_text()
     tested = {(t["model_a"], t["model_b"]) for t in seed["paired_delong"]["tests"]}
     assert ("federated cnn", "centralized cnn") in tested
     assert set(result["summary"]["models"]) == set(models) | {"oracle"}

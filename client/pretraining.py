@@ -1,0 +1,38 @@
+"""A site's round of self-supervised pretraining: the masked autoencoder trained on its own scans.
+
+Only the scans are read (no label, no outcome, no lab), so a hospital can pretrain on every scan it
+holds, labelled or not; what leaves the site is the model's weights, as in a training round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hccfed.client.training import TrainSettings, _shuffled_batches, augment_batch, autocast_for, detect_device
+from hccfed.common.models.pretrain import MaskedAutoencoder3d
+
+
+def pretrain_local(model: MaskedAutoencoder3d, images: torch.Tensor, settings: TrainSettings,
+                   device: torch.device | None = None) -> dict[str, float]:
+    """``settings.epochs`` epochs of the masked-reconstruction loss over ``images`` (N, C, D, H, W), in
+    place; the masks and batches are drawn from ``settings.seed``. Returns {"loss": mean loss of the last
+    epoch, "num-examples": N}."""
+    if len(images) == 0:
+        raise ValueError("no scans to pretrain on at this site")
+    device = device or detect_device()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    losses: list[float] = []
+    for _ in range(settings.epochs):
+        losses = []
+        for idx in _shuffled_batches(len(images), settings.batch_size, generator):
+            batch = augment_batch(images[idx], generator, settings).to(device)
+            with autocast_for(device, settings.mixed_precision):
+                loss = model.loss(batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.float().backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
