@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hccfed.client.training import TrainSettings, _shuffled_batches, augment_batch, autocast_for, detect_device
+from hccfed.client.training import TrainSettings, _shuffled_batches, augment_batch, autocast_for, local_setup
 from hccfed.common.models.pretrain import MaskedAutoencoder3d
 
 
@@ -20,10 +20,7 @@ def pretrain_local(model: MaskedAutoencoder3d, images: torch.Tensor, settings: T
     epoch, "num-examples": N}."""
     if len(images) == 0:
         raise ValueError("no scans to pretrain on at this site")
-    device = device or detect_device()
-    model.to(device).train()
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    device, generator, optimizer = local_setup(model, settings, device)
     losses: list[float] = []
     for _ in range(settings.epochs):
         losses = []

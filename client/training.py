@@ -145,6 +145,17 @@ def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> It
         yield order[start:start + batch_size]
 
 
+def local_setup(model: torch.nn.Module, settings: TrainSettings, device: torch.device | None
+                ) -> tuple[torch.device, torch.Generator, torch.optim.Optimizer]:
+    """What a local round starts from: the device (CUDA when present), the model on it in training mode,
+    the round's generator (batches, augmentation) and a fresh AdamW."""
+    device = device or detect_device()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return device, generator, optimizer
+
+
 def positive_weight(labels: torch.Tensor) -> float:
     """n_negative / n_positive among known labels (1 when either is absent)."""
     n_pos = int((labels == 1).sum())
@@ -169,10 +180,7 @@ def train_local(model: torch.nn.Module, data: SplitData, settings: TrainSettings
     """
     if len(data) == 0:
         raise ValueError("no training patients at this site")
-    device = device or detect_device()
-    model.to(device).train()
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    device, generator, optimizer = local_setup(model, settings, device)
     global_params = ([p.detach().clone() for p in model.parameters() if p.requires_grad]
                      if settings.proximal_mu > 0 else [])
     if privacy is not None and settings.positive_weight is None:
