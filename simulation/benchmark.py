@@ -279,12 +279,12 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def _fmt(s: dict[str, float], digits: int = 3) -> str:
     if not s["n"]:
         return "n/a"
-    return f"{s['mean']:.{digits}f}" + (f" ± {s['sd']:.{digits}f}" if np.isfinite(s["sd"]) else "")
+    return f"{s['mean']:.{digits}f}" + (f" +/- {s['sd']:.{digits}f}" if np.isfinite(s["sd"]) else "")
 
 
 def table_markdown(summary: dict[str, Any], seeds: list[int], holdout: int, dev: bool = False) -> str:
     lines = [f"Held-out cohorts: {holdout} patients per hospital per seed; seeds {', '.join(map(str, seeds))}. "
-             "Mean ± SD over seeds." + (" DEVELOPMENT SEED: for choices, not a benchmark figure." if dev else ""),
+             "Mean +/- SD over seeds." + (" DEVELOPMENT SEED: for choices, not a benchmark figure." if dev else ""),
              "",
              "| model | AUC | per-seed AUC | C-index | calibration slope | after recalibration | Brier |",
              "|---|---|---|---|---|---|---|"]

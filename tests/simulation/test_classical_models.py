@@ -96,7 +96,7 @@ def test_classical_model_results_gives_the_report_rows(tiny_cohort):
     rows = classical_model_results(sites, harmonize=True)
     assert list(rows) == ["CR (federated)", "R (federated)", "RCR (federated)"]
     splits = [split_indices(site.prepared, 0) for site in sites]
-    n_train = sum(len(s["train"]) + len(s["val"]) for s in splits)
+    n_train = sum(len(s["train"]) for s in splits)  # the training split only, as the deep models
     n_test = sum(len(s["test"]) for s in splits)
     for name, row in rows.items():
         assert {"auc", "auc_ci_lower", "auc_ci_upper", "c_index", "n_patients", "n_positive",
