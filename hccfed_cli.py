@@ -134,13 +134,26 @@ def _site_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else 1
 
 
+def _with_encoder_file(run):
+    """The run with its --pretrained-encoder as an absolute path (the ServerApp runs in another folder),
+    refused when the file is missing."""
+    import dataclasses
+
+    if not run.pretrained_encoder:
+        return run
+    path = Path(run.pretrained_encoder).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"--pretrained-encoder {run.pretrained_encoder}: no such file (hccfed pretrain writes it)")
+    return dataclasses.replace(run, pretrained_encoder=str(path))
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from hccfed.common.run_config import RunConfig, from_arguments
     from hccfed.simulation.simulate import SimulationSettings, simulate
 
     if args.resume and not args.run_id:
         raise ValueError("--resume needs --run-id naming the interrupted run's folder under the runs folder")
-    settings = from_arguments(args, SimulationSettings, run=from_arguments(args, RunConfig))
+    settings = from_arguments(args, SimulationSettings, run=_with_encoder_file(from_arguments(args, RunConfig)))
     run_dir = simulate(settings)
     print(f"report: {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
     return 0
@@ -230,7 +243,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     from hccfed.simulation.benchmark import BenchmarkSettings
 
     add_arguments(parser, BenchmarkSettings)
-    add_arguments(parser, RunConfig, exclude=("seed", "resume", "encoder"))
+    add_arguments(parser, RunConfig, exclude=("seed", "resume", "encoder", "pretrained_encoder"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,3 +78,15 @@ def test_pretrained_encoder_file_initialises_the_fusion_model(tmp_path):
         load_pretrained_encoder(build_model("vit", 5, 7, width=8, heads=2, depth=1), str(tmp_path / "encoder.pt"))
     with pytest.raises(ValueError, match="cnn encoder"):
         federated_pretraining({"a": _scans(2)}, RunConfig(encoder="vit"), 1, tmp_path / "x.pt")
+
+
+def test_simulate_takes_the_encoder_file_as_an_absolute_path_and_refuses_a_missing_one(tmp_path, monkeypatch):
+    from hccfed_cli import _with_encoder_file
+
+    (tmp_path / "encoder.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert _with_encoder_file(RunConfig(pretrained_encoder="encoder.pt")).pretrained_encoder == str(
+        tmp_path.resolve() / "encoder.pt")
+    assert _with_encoder_file(RunConfig()).pretrained_encoder == ""
+    with pytest.raises(ValueError, match="no such file"):
+        _with_encoder_file(RunConfig(pretrained_encoder="other.pt"))
