@@ -38,7 +38,7 @@ from scipy.stats import norm
 
 from hccfed.client.site import Site
 from hccfed.client.site_data import ALL
-from hccfed.common.run_config import RunConfig, option
+from hccfed.common.run_config import ENCODERS, RunConfig, option
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle_figures, paired_delong_tests
@@ -104,8 +104,6 @@ class BenchmarkSettings:
         return QUICK_HOLDOUT if self.quick else self.holdout
 
     def encoder_list(self) -> list[str]:
-        from hccfed.common.run_config import ENCODERS
-
         encoders = [e.strip() for e in self.encoders.split(",") if e.strip()]
         unknown = [e for e in encoders if e not in ENCODERS or e == "none"]
         if not encoders or unknown:
@@ -130,8 +128,8 @@ def select_device(device: str) -> str:
 def _seed_settings(settings: BenchmarkSettings, seed: int) -> SimulationSettings:
     root = settings.cohorts_dir / f"seed-{seed}"
     return SimulationSettings(data_dir=root / "data", runs_dir=settings.out_dir, cache_dir=root / "cache",
-                              sites=settings.sites, fov_mm=settings.fov_mm, run_id=f"seed-{seed}", workers=settings.workers,
-                              run=replace(settings.run, seed=seed))
+                              sites=settings.sites, fov_mm=settings.fov_mm, run_id=f"seed-{seed}",
+                              workers=settings.workers, run=replace(settings.run, seed=seed))
 
 
 def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan, kind: str = "holdout") -> list[Site]:
@@ -334,14 +332,16 @@ def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
     per_seed = []
     for seed in seeds:
         done = settings.out_dir / f"seed-{seed}" / "benchmark-seed.json"
-        if done.exists() and json.loads(done.read_text()).get("config") == _seed_config(settings, seed):
-            per_seed.append(json.loads(done.read_text()))
+        kept = json.loads(done.read_text()) if done.exists() else {}
+        if kept.get("config") == _seed_config(settings, seed):
+            per_seed.append(kept)
             log.info("seed %d: results found in %s", seed, done)
             continue
         per_seed.append(benchmark_seed(settings, seed))
     summary = summarize(per_seed)
-    out = {"seeds": seeds, "dev_seed": settings.dev_seed, "development_run": settings.dev, "holdout_per_hospital": holdout, "device": device,
-           "run": settings.run.to_flwr(), "summary": summary, "per_seed": per_seed}
+    out = {"seeds": seeds, "dev_seed": settings.dev_seed, "development_run": settings.dev,
+           "holdout_per_hospital": holdout, "device": device, "run": settings.run.to_flwr(), "summary": summary,
+           "per_seed": per_seed}
     (settings.out_dir / "benchmark.json").write_text(json.dumps(out, indent=2, default=float))
     table = table_markdown(summary, seeds, holdout, settings.dev)
     (settings.out_dir / "benchmark.md").write_text(table)

@@ -94,14 +94,17 @@ def score_holdouts(fitted: dict, holdouts: list[Site], params: str, book=None) -
     from hccfed.client.site_data import ALL
     from hccfed.simulation.evaluation import evaluate_scores
 
-    endpoints = [(h, ClassicalStatsSite(holdout_rows(h, params))) for h in holdouts]
+    endpoints = []
+    for site in holdouts:
+        rows, data = holdout_rows(site, params), site.split(ALL)
+        if list(map(str, rows.patient_ids)) != list(map(str, data.patient_ids)):
+            raise ValueError(f"{site.site_id} held-out cohort: the radiomics rows are not its patients")
+        endpoints.append((site, data, ClassicalStatsSite(rows)))
     out = {}
     for key, r in fitted.items():
         name, rows = REPORT_NAMES[key], []
-        for site, endpoint in endpoints:
-            harmonised, data = endpoint.rows(r["combat"]), site.split(ALL)
-            if list(map(str, harmonised.patient_ids)) != list(map(str, data.patient_ids)):
-                raise ValueError(f"{site.site_id} held-out cohort: the radiomics rows are not its patients")
+        for site, data, endpoint in endpoints:
+            harmonised = endpoint.rows(r["combat"])
             score = r["model"].score(harmonised, harmonised.test)
             rows.append((site.site_id, data, score, score))
             if book is not None:

@@ -85,10 +85,9 @@ def _validation_summaries(rows: list[tuple[str, SplitData, np.ndarray, np.ndarra
             for _, data, logits, risks in rows]
 
 
-def operating_threshold(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]]) -> float | None:
-    """Youden's threshold of the pooled score tables of validation (site, data, logits, log-risks);
-    None without validation patients of both classes (the operating point is then not reported)."""
-    summaries = _validation_summaries(rows)
+def operating_threshold(summaries: list[dict[str, np.ndarray]]) -> float | None:
+    """Youden's threshold of the pooled score tables of the validation summaries; None without
+    validation patients of both classes (the operating point is then not reported)."""
     try:
         return validation_threshold(summaries) if summaries else None
     except ValueError:
@@ -107,13 +106,14 @@ def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]],
         values = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
         summaries[site_id] = evaluation_summary(*values)
         clinical.append(clinical_summary(*values))
-    threshold = operating_threshold(list(validation))
+    validation_summaries = _validation_summaries(list(validation))
+    threshold = operating_threshold(validation_summaries)
     out = {"test": pooled_figures(list(summaries.values())),
            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
            "figures": pooled_clinical_figures(clinical, threshold, THRESHOLD_SOURCE)}
     if validation and recalibration != "none":
-        out["recalibrated"] = recalibrated_clinical_figures(clinical, _validation_summaries(list(validation)),
-                                                            recalibration, threshold, THRESHOLD_SOURCE)
+        out["recalibrated"] = recalibrated_clinical_figures(clinical, validation_summaries, recalibration, threshold,
+                                                            THRESHOLD_SOURCE)
     return out
 
 

@@ -51,18 +51,7 @@ class SimulationSettings:
 
 def ensure_cohort(settings: SimulationSettings) -> None:
     """Generate the synthetic cohort unless the same one is already on disk."""
-    info_path = settings.data_dir / "cohort.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
-        wanted = {s.site_id: s.n_patients for s in settings.sites}
-        if (info.get("seed") == settings.seed and info.get("counts") == wanted
-                and settings.fov_mm in (None, tuple(info.get("fov_mm", ()))) and not info.get("tabular_only")
-                and info.get("generator_version") == GENERATOR_VERSION):
-            log.info("synthetic cohort found in %s", settings.data_dir)
-            return
-    log.info("generating the synthetic cohort in %s (seed %d)", settings.data_dir, settings.seed)
-    synthesize_cohort(settings.data_dir, seed=settings.seed, sites=settings.sites,
-                      fov_mm=settings.fov_mm or DEFAULT_FOV_MM, workers=settings.workers or 2, progress=True)
+    ensure_synthetic(settings.data_dir, settings.seed, tuple(settings.sites), settings.workers or 2, settings.fov_mm)
 
 
 def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:
@@ -71,19 +60,21 @@ def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[
                                   run_dir / "sites" / f"{p.site_id}.yaml").source for p in settings.sites]
 
 
-def ensure_extension(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
+def ensure_synthetic(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
                      fov_mm: tuple[float, float, float] | None = None) -> None:
-    """Generate the hospitals' held-out cohorts (or archives) unless the same ones are on disk."""
+    """Generate a synthetic cohort (the hospitals' own, their held-out cohorts or archives) under
+    ``data_dir`` unless the same one is on disk (``fov_mm`` None: whatever field of view it has)."""
     info_path = data_dir / "cohort.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if (info.get("seed") == seed and info.get("generator_version") == GENERATOR_VERSION
-                and fov_mm in (None, tuple(info.get("fov_mm", ())))
+                and not info.get("tabular_only") and fov_mm in (None, tuple(info.get("fov_mm", ())))
                 and info.get("counts") == {p.site_id: p.n_patients for p in profiles}
-                and [s.get("first_index") for s in info.get("sites", [])] == [p.first_index for p in profiles]):
+                and [s.get("first_index", 0) for s in info.get("sites", [])] == [p.first_index for p in profiles]):
+            log.info("synthetic cohort found in %s", data_dir)
             return
-    log.info("generating %s in %s (seed %d, %d patients per hospital)", data_dir.name, data_dir, seed,
-             profiles[0].n_patients)
+    log.info("generating the synthetic cohort in %s (seed %d, %s patients)", data_dir, seed,
+             " / ".join(str(p.n_patients) for p in profiles))
     synthesize_cohort(data_dir, seed=seed, sites=profiles, fov_mm=fov_mm or DEFAULT_FOV_MM,
                       workers=workers or os.cpu_count() or 1, progress=True)
 
@@ -97,7 +88,7 @@ def extension_sites(settings: SimulationSettings, kind: str, n_patients: int, pl
     first = {"holdout": HOLDOUT_FIRST_INDEX, "archive": ARCHIVE_FIRST_INDEX}[kind]
     profiles = holdout_profiles(settings.sites, n_patients, first)
     data_dir = settings.data_dir.parent / kind
-    ensure_extension(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
+    ensure_synthetic(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
     run_dir = settings.runs_dir / (settings.run_id or kind)
     sites = []
     for p in profiles:
