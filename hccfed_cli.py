@@ -7,7 +7,8 @@
                                                      a hospital's readiness before it joins (exit 1: a check failed)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
-    hccfed pretrain  [--pretrain-rounds N] [--archive N]  federated masked-autoencoder pretraining of the cnn
+    hccfed pretrain  [--encoder cnn|vit] [--pretrain-rounds N] [--archive N]  federated self-supervised
+                                                     pretraining (cnn: masked autoencoder; vit: DINO + registers)
     hccfed benchmark [--quick] [--seeds 1,2,3,4] [--holdout N] [--encoders cnn,vit] [--device cuda]
                                                      rank the models on large held-out cohorts over seeds
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="the main job on the synthetic hospitals")
     _add_simulate_arguments(simulate)
     simulate.set_defaults(func=_simulate)
-    pretrain = sub.add_parser("pretrain", help="federated self-supervised pretraining of the cnn encoder (masked "
-                              "autoencoder) on the synthetic hospitals' scans")
+    pretrain = sub.add_parser("pretrain", help="federated self-supervised pretraining of the --encoder "
+                              "(cnn: masked autoencoder; vit: DINO with register tokens) on the synthetic "
+                              "hospitals' scans")
     pretrain.add_argument("--pretrain-rounds", type=int, default=20, help="federated rounds (default: 20)")
     pretrain.add_argument("--archive", type=int, default=0, help="unlabelled scans per hospital in its archive, "
                           "pretrained on beside the training split (default: 0)")

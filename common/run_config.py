@@ -87,6 +87,8 @@ class RunConfig:
     vit_patch_size: int = option(8, "ViT patch size (voxels)", group="model", minimum=1)
     vit_depth: int = option(4, "ViT transformer blocks", group="model", minimum=1)
     vit_heads: int = option(4, "ViT attention heads", group="model", minimum=1)
+    vit_registers: int = option(4, "ViT register tokens (learned tokens beside the patches, not pooled; seed "
+                                "000's DINOv2 did best with them)", group="model", minimum=0)
     tabular_norm: str = option("none", "how the radiomics and clinical vectors enter the fusion head: a "
                                "LayerNorm over each patient's vector, or as the site harmonised them",
                                group="model", choices=TABULAR_NORMS)

@@ -177,7 +177,7 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
 # run-dir: "{run-id}" then the folder itself; recalibration only changes what the final report adds.
 RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir", "recalibration"}
 #: What a checkpoint written before an option existed ran with (the behaviour before the option).
-BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": ""}
+BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": "", "vit-registers": 0}
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:

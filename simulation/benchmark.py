@@ -73,8 +73,9 @@ class BenchmarkSettings:
                            "each trained federated and centralized")
     quick: bool = option(False, f"quick mode: seeds {QUICK_SEEDS}, {QUICK_HOLDOUT} held-out patients per "
                          "hospital")
-    pretrain_rounds: int = option(0, "also fine-tune the cnn fusion model from a federated masked-autoencoder "
-                                  "pretraining of this many rounds on each hospital's training scans and archive "
+    pretrain_rounds: int = option(0, "also fine-tune each cnn and vit fusion model from a federated "
+                                  "self-supervised pretraining (cnn: masked autoencoder; vit: DINO with register "
+                                  "tokens) of this many rounds on each hospital's training scans and archive "
                                   "(rows '+ pretraining'; 0: not)", minimum=0)
     archive: int = option(0, "scans per hospital in its unlabelled archive, for the pretraining", minimum=0)
     device: str = option("auto", "where models train: auto (CUDA when torch sees a GPU), cpu, or cuda "
@@ -110,6 +111,16 @@ class BenchmarkSettings:
             raise ValueError(f"--encoders {self.encoders!r}: choose among "
                              f"{', '.join(e for e in ENCODERS if e != 'none')}")
         return encoders
+
+    def pretrained_encoders(self) -> list[str]:
+        """The encoders that ``--pretrain-rounds`` pretrains (those with a self-supervised objective)."""
+        from hccfed.common.models.pretrain import PRETRAINING_OBJECTIVES
+
+        chosen = [e for e in self.encoder_list() if e in PRETRAINING_OBJECTIVES]
+        if self.pretrain_rounds and not chosen:
+            raise ValueError(f"--pretrain-rounds pretrains the {' and '.join(PRETRAINING_OBJECTIVES)} encoders: add "
+                             "one of them to --encoders")
+        return chosen
 
 
 def select_device(device: str) -> str:
@@ -164,14 +175,15 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     models: dict[str, Any] = {}
     variants = [(encoder, "", "") for encoder in settings.encoder_list()]
     archives: list[Site] = []
+    pretraining: dict[str, Any] = {}
     if settings.pretrain_rounds:
-        if "cnn" not in settings.encoder_list():
-            raise ValueError("--pretrain-rounds pretrains the cnn encoder: add cnn to --encoders")
         archives = held_out_sites(settings, sim, sites[0].plan, "archive") if settings.archive else []
-        encoder_file = run_dir / "pretrain" / "encoder.pt"
-        pretraining = federated_pretraining(pretraining_scans(sites, archives), replace(base, encoder="cnn"),
-                                            settings.pretrain_rounds, encoder_file)
-        variants.append(("cnn", str(encoder_file), " + pretraining"))
+        scans = pretraining_scans(sites, archives)
+        for encoder in settings.pretrained_encoders():
+            encoder_file = run_dir / "pretrain" / f"{encoder}.pt"
+            pretraining[encoder] = federated_pretraining(scans, replace(base, encoder=encoder),
+                                                         settings.pretrain_rounds, encoder_file)
+            variants.append((encoder, str(encoder_file), " + pretraining"))
     for encoder, pretrained, suffix in variants:
         run = RunConfig.from_mapping(replace(base, encoder=encoder, pretrained_encoder=pretrained,
                                              run_dir=str(run_dir / f"federated-{encoder}{suffix.replace(' + ', '-')}"))
@@ -196,8 +208,9 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "models": {name: _model_row(m) for name, m in models.items()},
         "oracle": _model_row(oracle_figures([sim.data_dir, sim.data_dir.parent / "holdout"], sets)),
         "paired_delong": paired_delong_tests(book, reference),
-        **({"pretraining": {k: v for k, v in pretraining.items() if k != "history"},
-            "pretraining_loss": [h["loss"] for h in pretraining["history"]]} if settings.pretrain_rounds else {}),
+        **({"pretraining": {e: {k: v for k, v in p.items() if k != "history"} for e, p in pretraining.items()},
+            "pretraining_loss": {e: [h["loss"] for h in p["history"]] for e, p in pretraining.items()}}
+           if pretraining else {}),
     }
     (run_dir / "benchmark-seed.json").write_text(json.dumps(result, indent=2, default=float))
     log.info("seed %d done in %.1f min", seed, result["seconds"] / 60)
@@ -324,7 +337,7 @@ def plot_benchmark(summary: dict[str, Any], seeds: list[int], out: Path) -> Path
 def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
     """Every seed (each seed's results kept: a rerun continues), then the table and plot; returns the folder."""
     seeds, holdout = settings.seed_list(), settings.holdout_size()
-    settings.encoder_list()
+    settings.pretrained_encoders()
     device = select_device(settings.device)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("benchmark: seeds %s, %d held-out patients per hospital, encoders %s, on %s", seeds, holdout,

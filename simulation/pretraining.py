@@ -1,6 +1,7 @@
-"""`hccfed pretrain`: federated self-supervised pretraining of the CNN encoder on the hospitals' scans.
+"""`hccfed pretrain`: federated self-supervised pretraining of an image encoder on the hospitals' scans.
 
-Each round, every site trains the masked autoencoder (:mod:`hccfed.common.models.pretrain`) from the
+Each round, every site trains the encoder's self-supervised model (:mod:`hccfed.common.models.pretrain`:
+the CNN's masked autoencoder, the ViT's DINO self-distillation with register tokens) from the
 global weights on its own scans (:func:`hccfed.client.pretraining.pretrain_local`: images only) and the
 weights are averaged, weighted by each site's number of scans (FedAvg), as a training round is. This
 module runs the protocol in one process over the sites' Site objects (each site's scans are read only
@@ -22,7 +23,7 @@ import torch
 from hccfed.client.pretraining import pretrain_local
 from hccfed.client.site import Site
 from hccfed.client.training import TrainSettings
-from hccfed.common.models.pretrain import MaskedAutoencoder3d
+from hccfed.common.models.pretrain import PRETRAINING_OBJECTIVES, pretraining_model
 from hccfed.common.run_config import RunConfig
 from hccfed.common.schema import IMAGE_CHANNELS
 from hccfed.common.seeds import derive_seed
@@ -39,12 +40,10 @@ def weighted_average(states: list[OrderedDict], weights: list[float]) -> Ordered
 
 def federated_pretraining(site_images: dict[str, torch.Tensor], run: RunConfig, rounds: int, out: Path,
                           learning_rate: float = 1e-3) -> dict[str, Any]:
-    """``rounds`` FedAvg rounds of masked-autoencoder training over {site id: its scans (N, C, D, H, W)};
-    writes the encoder's weights to ``out`` ({"encoder": state, "meta": {...}}) and returns the history."""
-    if run.encoder != "cnn":
-        raise ValueError(f"pretraining is implemented for the cnn encoder (masked autoencoder); got {run.encoder!r}")
-    torch.manual_seed(run.seed)
-    model = MaskedAutoencoder3d(len(IMAGE_CHANNELS), run.encoder_width)
+    """``rounds`` FedAvg rounds of ``run.encoder``'s self-supervised objective over {site id: its scans
+    (N, C, D, H, W)}; writes the encoder's weights to ``out`` ({"encoder": state, "meta": {...}}) and
+    returns the history."""
+    model = pretraining_model(run, len(IMAGE_CHANNELS))
     state = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     history = []
     started = time.time()
@@ -61,14 +60,16 @@ def federated_pretraining(site_images: dict[str, torch.Tensor], run: RunConfig, 
             losses[site_id] = metrics["loss"]
         state = weighted_average(states, weights)
         history.append({"round": server_round, "loss": losses})
-        log.info("pretraining round %d/%d: reconstruction loss %s", server_round, rounds,
+        log.info("%s pretraining round %d/%d: loss %s", run.encoder, server_round, rounds,
                  ", ".join(f"{s} {v:.4f}" for s, v in losses.items()))
     model.load_state_dict(state)
-    meta = {"encoder": run.encoder, "width": run.encoder_width, "objective": "masked autoencoder (FCMAE)",
+    meta = {"encoder": run.encoder, "width": run.encoder_width, "objective": PRETRAINING_OBJECTIVES[run.encoder],
+            **({"vit_patch_size": run.vit_patch_size, "vit_depth": run.vit_depth, "vit_heads": run.vit_heads,
+                "vit_registers": run.vit_registers} if run.encoder == "vit" else {}),
             "rounds": rounds, "seed": run.seed, "scans": {s: int(len(x)) for s, x in site_images.items()},
             "seconds": time.time() - started}
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"encoder": model.encoder.state_dict(), "meta": meta}, out)
+    torch.save({"encoder": model.pretrained_encoder().state_dict(), "meta": meta}, out)
     return {**meta, "history": history, "path": str(out)}
 
 

@@ -107,7 +107,7 @@ class FusionNet(nn.Module):
 
     ``encoder="none"`` gives the clinical-only model through the same code path.
     ``width`` is the encoder's base width (CNN and ResNet-10 stage width, ViT
-    token width); ``patch_size``, ``depth``, ``heads`` only apply to the ViT.
+    token width); ``patch_size``, ``depth``, ``heads``, ``registers`` only apply to the ViT.
     forward(images (B, C, D, H, W) float32, clinical (B, F) float32, radiomics (B, R) float32
     or None when ``n_radiomics`` is 0) -> (logit (B,), log_risk (B,)).
     """
@@ -115,7 +115,7 @@ class FusionNet(nn.Module):
     def __init__(self, in_channels: int, n_clinical: int, encoder: str = "cnn",
                  width: int = 12, image_dim: int = 8, hidden: int = 32, dropout: float = 0.2,
                  kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4,
-                 n_radiomics: int = 0, tabular_norm: str = "none"):
+                 n_radiomics: int = 0, tabular_norm: str = "none", registers: int = 0):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -124,7 +124,7 @@ class FusionNet(nn.Module):
         if image_dim < 1 or hidden < 0 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"need image_dim >= 1, hidden >= 0, 0 <= dropout < 1; got {image_dim}, {hidden}, {dropout}")
         self.encoder_name = encoder
-        self.encoder = _encoder(encoder, in_channels, width, patch_size, depth, heads)
+        self.encoder = _encoder(encoder, in_channels, width, patch_size, depth, heads, registers)
         self.kinetics = kinetics and self.encoder is not None
         if self.encoder is None and n_clinical == 0 and n_radiomics == 0:
             raise ValueError("the model needs an image encoder, radiomics or clinical features")
@@ -173,13 +173,14 @@ def _tabular_norm(kind: str, n: int) -> nn.Module | None:
     return nn.LayerNorm(n) if kind == "layer" else nn.Identity()
 
 
-def _encoder(name: str, in_channels: int, width: int, patch_size: int, depth: int, heads: int) -> nn.Module | None:
+def _encoder(name: str, in_channels: int, width: int, patch_size: int, depth: int, heads: int,
+             registers: int = 0) -> nn.Module | None:
     if name == "cnn":
         return SmallCNN3d(in_channels, width)
     if name == "resnet10":
         return ResNet10Encoder3d(in_channels, width)
     if name == "vit":
-        return ViTEncoder3d(in_channels, width, patch_size=patch_size, depth=depth, heads=heads)
+        return ViTEncoder3d(in_channels, width, patch_size=patch_size, depth=depth, heads=heads, registers=registers)
     return None
 
 
@@ -187,7 +188,7 @@ def build_model(encoder: str, in_channels: int, n_clinical: int, width: int = 12
                 **encoder_options: int) -> FusionNet:
     """A freshly initialised FusionNet; the same seed gives the same weights.
 
-    ``encoder_options``: ``patch_size``, ``depth``, ``heads`` for the ViT; ``n_radiomics``.
+    ``encoder_options``: ``patch_size``, ``depth``, ``heads``, ``registers`` for the ViT; ``n_radiomics``.
     The global torch generator is left as it was.
     """
     generator_state = torch.random.get_rng_state()
@@ -203,6 +204,7 @@ def model_from_run_config(config: "RunConfig", in_channels: int, n_clinical: int
     """The run's FusionNet (encoder, width and ViT options from the run config), seeded by its seed."""
     return build_model(config.encoder, in_channels, n_clinical, width=config.encoder_width, seed=config.seed,
                        patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads,
+                       registers=config.vit_registers,
                        n_radiomics=len(config.radiomics_features), tabular_norm=config.tabular_norm)
 
 

@@ -7,6 +7,13 @@ Here the patch embedding is a Conv3d, attention and MLP are Linear layers,
 normalisation is LayerNorm (all supported by Opacus), and the position code is
 a fixed 3D sinusoid computed from the patch grid, so the encoder accepts any
 input size divisible by the patch size and holds no buffers.
+
+Register tokens (Darcet et al., "Vision Transformers Need Registers", the
+configuration seed 000's DINOv2 encoder did best with): ``registers`` extra
+learned tokens, without position, join the patch tokens in every block and are
+dropped before pooling, so attention has somewhere other than patch tokens to
+keep global scratch state. They are rows of an ``nn.Embedding`` (Opacus
+computes its per-sample gradients), looked up for every sample of the batch.
 """
 
 from __future__ import annotations
@@ -78,13 +85,14 @@ class ViTEncoder3d(nn.Module):
 
     Non-overlapping ``patch_size``^3 patches (D, H, W must be multiples of it)
     are embedded by a Conv3d, given the fixed position code, and passed through
-    ``depth`` pre-norm blocks of ``heads`` heads. The embedding is the mean
-    token concatenated with the mean token weighted by the tumour mask (the
-    last input channel, averaged per patch).
+    ``depth`` pre-norm blocks of ``heads`` heads, beside ``registers`` register
+    tokens. The embedding is the mean patch token concatenated with the mean
+    patch token weighted by the tumour mask (the last input channel, averaged
+    per patch); the registers are not pooled.
     """
 
     def __init__(self, in_channels: int, width: int = 96, patch_size: int = 8, depth: int = 4,
-                 heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0, registers: int = 0):
         super().__init__()
         if in_channels < 2:
             raise ValueError(f"in_channels must be >= 2 (phases + mask), got {in_channels}")
@@ -96,11 +104,14 @@ class ViTEncoder3d(nn.Module):
             raise ValueError(f"width must be a positive multiple of heads, got width {width}, heads {heads}")
         if mlp_ratio <= 0 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"mlp_ratio must be > 0 and dropout in [0, 1), got {mlp_ratio}, {dropout}")
+        if registers < 0:
+            raise ValueError(f"registers must be >= 0, got {registers}")
         self.patch_size = patch_size
         self.width = width
         self.patch_embed = nn.Conv3d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.blocks = nn.Sequential(*[TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
+        self.registers = nn.Embedding(registers, width) if registers else None
         self.out_features = 2 * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +121,11 @@ class ViTEncoder3d(nn.Module):
         grid = tuple(patches.shape[2:])
         tokens = patches.flatten(2).transpose(1, 2)
         tokens = tokens + sinusoidal_position_code(grid, self.width, tokens.device, tokens.dtype)
-        tokens = self.norm(self.blocks(tokens))
+        n_patches = tokens.shape[1]
+        if self.registers is not None:
+            index = torch.arange(self.registers.num_embeddings, device=tokens.device).expand(len(tokens), -1)
+            tokens = torch.cat([tokens, self.registers(index).to(tokens.dtype)], dim=1)
+        tokens = self.norm(self.blocks(tokens))[:, :n_patches]
         mask = nn.functional.avg_pool3d(x[:, -1:], self.patch_size).flatten(1)[..., None]
         inside = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-3)
         return torch.cat([tokens.mean(dim=1), inside], dim=1)

@@ -138,6 +138,24 @@ def test_encoders_reject_bad_values_naming_them(build, message):
         build()
 
 
+def test_vit_register_tokens_take_part_are_not_pooled_and_get_per_sample_gradients():
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    vit = ViTEncoder3d(5, width=8, patch_size=4, depth=1, heads=2, registers=3)
+    x = _images()
+    out = vit(x)
+    assert out.shape == (2, 16) and vit.registers.weight.shape == (3, 8)
+    with torch.no_grad():
+        vit.registers.weight.add_(torch.randn(3, 8))
+    assert not torch.allclose(vit(x), out)  # the patch tokens attend to the registers
+    private = GradSampleModule(vit)
+    private(x).sum().backward()
+    assert vit.registers.weight.grad_sample.shape == (2, 3, 8)  # Opacus' per-patient gradients
+    with pytest.raises(ValueError, match="registers must be >= 0"):
+        ViTEncoder3d(5, width=8, heads=2, registers=-1)
+
+
 def test_vit_rejects_input_not_divisible_by_patch():
     with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
         ViTEncoder3d(5, width=8, patch_size=8, depth=1, heads=2)(torch.randn(1, 5, 12, 16, 16))

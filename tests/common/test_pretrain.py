@@ -1,4 +1,5 @@
-"""Self-supervised pretraining: the masked autoencoder's objective, the federated average, the encoder file."""
+"""Self-supervised pretraining: the masked autoencoder's and DINO's objectives, the federated average, the
+encoder file."""
 
 from collections import OrderedDict
 
@@ -8,7 +9,7 @@ import torch
 from hccfed.client.pretraining import pretrain_local
 from hccfed.client.training import TrainSettings
 from hccfed.common.models.fusion import build_model
-from hccfed.common.models.pretrain import MaskedAutoencoder3d, load_pretrained_encoder
+from hccfed.common.models.pretrain import DinoViT3d, MaskedAutoencoder3d, load_pretrained_encoder, pretraining_model
 from hccfed.common.run_config import RunConfig
 from hccfed.simulation.pretraining import federated_pretraining, weighted_average
 
@@ -76,8 +77,65 @@ def test_pretrained_encoder_file_initialises_the_fusion_model(tmp_path):
         load_pretrained_encoder(build_model("cnn", 5, 7, width=6), str(tmp_path / "encoder.pt"))
     with pytest.raises(ValueError, match="model's encoder is 'vit'"):
         load_pretrained_encoder(build_model("vit", 5, 7, width=8, heads=2, depth=1), str(tmp_path / "encoder.pt"))
-    with pytest.raises(ValueError, match="cnn encoder"):
-        federated_pretraining({"a": _scans(2)}, RunConfig(encoder="vit"), 1, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="cnn and vit encoders"):
+        federated_pretraining({"a": _scans(2)}, RunConfig(encoder="resnet10"), 1, tmp_path / "x.pt")
+
+
+def _dino(**kw):
+    torch.manual_seed(0)
+    return DinoViT3d(5, width=8, patch_size=4, depth=1, heads=2, registers=2, prototypes=16, hidden=16,
+                     bottleneck=8, **kw)
+
+
+def test_dino_trains_the_student_and_moves_the_teacher_by_its_average_only():
+    model = _dino(teacher_momentum=0.9)
+    x = _scans(8, size=16)
+    loss = model.loss(x, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    assert model.encoder.registers.weight.grad is not None and model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher_encoder.parameters())  # no gradient reaches the teacher
+    assert float(model.center.abs().sum()) > 0  # the centre follows the teacher's outputs
+    teacher = model.teacher_encoder.patch_embed.weight.detach().clone()
+    with torch.no_grad():
+        model.encoder.patch_embed.weight.add_(1.0)
+    model.after_step()
+    moved = model.teacher_encoder.patch_embed.weight
+    assert torch.allclose(moved, 0.9 * teacher + 0.1 * model.encoder.patch_embed.weight)
+    # the same generator gives the same views and loss (the run is reproducible from its seed)
+    a = _dino().loss(x, torch.Generator().manual_seed(4))
+    b = _dino().loss(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="multiples of the ViT patch"):
+        model.loss(torch.zeros(1, 5, 6, 16, 16), torch.Generator())
+
+
+def test_dino_local_views_are_sub_cubes_of_half_the_crop():
+    model = _dino()
+    x = torch.arange(2 * 5 * 16**3, dtype=torch.float32).reshape(2, 5, 16, 16, 16)
+    crops = model._local(x, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 5, 8, 8, 8)
+    for crop, scan in zip(crops, x):  # each crop is a contiguous block of its own scan
+        start = [int(i) for i in torch.nonzero(scan[0] == crop[0, 0, 0, 0])[0]]
+        assert torch.equal(crop, scan[:, start[0]:start[0] + 8, start[1]:start[1] + 8, start[2]:start[2] + 8])
+
+
+def test_dino_pretraining_initialises_the_vit_fusion_model_with_its_registers(tmp_path):
+    run = RunConfig(seed=2, encoder="vit", encoder_width=8, vit_heads=2, vit_depth=1, vit_patch_size=4,
+                    vit_registers=3, batch_size=4, augment="none")
+    out = federated_pretraining({"a": _scans(4, 1), "b": _scans(6, 2)}, run, rounds=2, out=tmp_path / "vit.pt")
+    assert out["objective"].startswith("DINO") and out["vit_registers"] == 3
+    assert isinstance(pretraining_model(run, 5), DinoViT3d)
+    model = build_model("vit", 5, 7, width=8, heads=2, depth=1, patch_size=4, registers=3, seed=2)
+    load_pretrained_encoder(model, str(tmp_path / "vit.pt"))
+    saved = torch.load(tmp_path / "vit.pt", weights_only=True)["encoder"]
+    assert "registers.weight" in saved
+    assert all(torch.equal(model.encoder.state_dict()[k], saved[k]) for k in saved)
+    logit, _ = model(_scans(2, 5), torch.zeros(2, 7))
+    assert torch.isfinite(logit).all()
+    with pytest.raises(ValueError, match="does not fit"):  # a fusion ViT without the registers
+        load_pretrained_encoder(build_model("vit", 5, 7, width=8, heads=2, depth=1, patch_size=4),
+                                str(tmp_path / "vit.pt"))
 
 
 def test_simulate_takes_the_encoder_file_as_an_absolute_path_and_refuses_a_missing_one(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     assert {"federated cnn + pretraining", "centralized cnn + pretraining"} <= set(models)
     archive = seed["archive_patients"]  # 4 each, but for patients the QC excluded
     assert all(2 <= n <= 4 for n in archive.values())
-    assert seed["pretraining"]["scans"] == {s: n + archive[s] for s, n in seed["train_patients"].items()}
+    assert seed["pretraining"]["cnn"]["scans"] == {s: n + archive[s] for s, n in seed["train_patients"].items()}
     assert "encoder initialised from" in (out / "seed-5" / "flower-federated-cnn-pretraining.log").read_text()
     tested = {(t["model_a"], t["model_b"]) for t in seed["paired_delong"]["tests"]}
     assert ("federated cnn", "centralized cnn") in tested
