@@ -44,6 +44,13 @@ def test_the_development_seed_is_refused_and_seeds_are_parsed():
         BenchmarkSettings(encoders="cnn,unet").encoder_list()
 
 
+def test_pretraining_covers_the_cnn_and_vit_encoders_and_refuses_a_list_without_them():
+    assert BenchmarkSettings(encoders="cnn,resnet10,vit", pretrain_rounds=2).pretrained_encoders() == ["cnn", "vit"]
+    assert BenchmarkSettings(encoders="resnet10").pretrained_encoders() == []  # no pretraining asked: fine
+    with pytest.raises(ValueError, match="--pretrain-rounds pretrains the cnn and vit encoders"):
+        BenchmarkSettings(encoders="resnet10", pretrain_rounds=2).pretrained_encoders()
+
+
 def test_paired_differences_combine_by_inverse_variance():
     tests = [{"diff": 0.04, "se": 0.02}, {"diff": -0.01, "se": 0.05}, {"diff": 0.02, "se": 0.01}]
     w = np.array([1 / 0.02**2, 1 / 0.05**2, 1 / 0.01**2])
