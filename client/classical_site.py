@@ -34,7 +34,7 @@ import numpy as np
 
 from hccfed.client.evaluation import clinical_summary
 from hccfed.client.radiomics import REGIONS, RadiomicsTable
-from hccfed.client.site_data import split_indices
+from hccfed.client.site_data import DEV, split_indices
 from hccfed.client.stats_site import StatsSite
 from hccfed.common.schema import PHASES
 from hccfed.common.stats import combat
@@ -59,9 +59,13 @@ class ClassicalSite:
     second_reader: np.ndarray | None = None  # same columns, radiomics from a perturbed mask (ICC filter)
 
 
-def join_site(site, table: RadiomicsTable | None, seed: int) -> ClassicalSite:
+def join_site(site, table: RadiomicsTable | None, seed: int, fit_on: str = "train") -> ClassicalSite:
     """A site's patients (``PreparedSite`` or ``hccfed.client.site.PatientRows``: clinical vector, labels,
-    outcomes) joined with its RadiomicsTable on patient id; split by ``seed`` like the deep models."""
+    outcomes) joined with its RadiomicsTable on patient id; split by ``seed`` like the deep models.
+    ``fit_on``: the patients the models are fitted on, the training split or "dev" (training and
+    validation: when the deep models are cross-validated and train on both)."""
+    if fit_on not in ("train", DEV):
+        raise ValueError(f"fit_on must be 'train' or {DEV!r}, got {fit_on!r}")
     names, x = list(site.clinical_names), np.asarray(site.clinical, dtype=float)
     keep = np.arange(len(site.patient_ids))
     if table is not None:
@@ -76,7 +80,8 @@ def join_site(site, table: RadiomicsTable | None, seed: int) -> ClassicalSite:
     # Fitted on the training split only, like the deep models: the validation split is for choices
     # (a neural model's round, operating thresholds, recalibration), so every model learns from the
     # same patients; the classical models make their own choices by cross-validation within it.
-    train = np.array([position[k] for k in splits["train"] if k in position], dtype=int)
+    fitted = splits["train"] if fit_on == "train" else np.concatenate([splits["train"], splits["val"]])
+    train = np.array([position[k] for k in fitted if k in position], dtype=int)
     test = np.array([position[k] for k in splits["test"] if k in position], dtype=int)
     return ClassicalSite(site.site_id, site.patient_ids[keep], names, x, site.labels[keep], site.times[keep],
                          site.events[keep], np.sort(train), np.sort(test))

@@ -102,8 +102,9 @@ def _dp_metrics(run_config: RunConfig, budget: PrivacyBudget | None, sigma: floa
 
 def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                 run_config: RunConfig) -> tuple[OrderedDict, dict[str, float]]:
-    """Local training from the global weights on the site's training split; returns new weights and
-    aggregate metrics.
+    """Local training from the global weights on the site's training split (or the split the server
+    names in config "train-split": a cross-validation fold's training part, or "dev"); returns new
+    weights and aggregate metrics.
 
     With DP, a site whose budget would be exceeded by this round returns the
     received weights unchanged, with ``dp-budget-exhausted`` = 1.
@@ -116,7 +117,7 @@ def train_round(site: Site, state: Mapping[str, torch.Tensor], config: Mapping[s
     server_round = int(config.get("server-round", 0))
     seed = round_seed(run_config.seed, server_round, site.site_id)
     torch.manual_seed(seed)
-    data = site.split("train")
+    data = site.split(str(config.get("train-split", "train")))
     budget = _dp_budget(run_config, site.site_id)
     policy = site.config.privacy
     check_training(policy, budget)

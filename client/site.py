@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from hccfed.client.prepare import PreparedSite, prepare_site
-from hccfed.client.site_data import ALL, SPLITS, SplitData, site_split, split_indices
+from hccfed.client.site_data import SplitData, site_split, split_indices
 from hccfed.common.atomic_io import atomic_savez
 from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
@@ -190,9 +190,8 @@ class Site:
         return split_indices(self.rows, self.seed)
 
     def split(self, name: str) -> SplitData:
-        """One split of the prepared patients as tensors (``"all"``: every patient)."""
-        if name not in (*SPLITS, ALL):
-            raise ValueError(f"split must be one of {(*SPLITS, ALL)}, got {name!r}")
+        """One split of the prepared patients as tensors (``"all"``: every patient; "dev": training and
+        validation; cross-validation folds by ``hccfed.client.site_data.cv_split_name``)."""
         return site_split(self.prepared, name, self.seed)
 
     # ------------------------------------------------------------------ radiomics and classical rows
@@ -211,7 +210,7 @@ class Site:
         return self._radiomics[key]
 
     def classical(self, params: str | None = "auto", second_reader_seed: int | None = None,
-                  icc_patients: int | None = None):
+                  icc_patients: int | None = None, fit_on: str = "train"):
         """The rows of the classical models (``hccfed.client.classical_site.ClassicalSite``): the clinical
         vector joined with the radiomics, split like the deep models (fitted on the training split, as they are; test scored).
 
@@ -219,18 +218,19 @@ class Site:
         clinical only otherwise; None or "none": clinical only. ``second_reader_seed``: also the second
         reader's radiomics (the ICC filter), of ``icc_patients`` training patients drawn at random from the
         run's seed (as studies re-segment a random subset; None: every patient); the others' second-reader
-        rows are NaN.
+        rows are NaN. ``fit_on``: "train", or "dev" (training and validation splits) beside cross-validated
+        deep models.
         """
         from hccfed.client.classical_site import add_second_reader, join_site
 
         if params == "auto":
             params = "fast" if self.has_volumes else None
         params = None if params in (None, "none") else params
-        key = (params, second_reader_seed, icc_patients)
+        key = (params, second_reader_seed, icc_patients, fit_on)
         if key not in self._classical:
             def build():
                 table = None if params is None else self.radiomics(params)
-                site = join_site(self.rows, table, self.seed)
+                site = join_site(self.rows, table, self.seed, fit_on)
                 if second_reader_seed is not None and table is not None:
                     rows = np.arange(len(site.patient_ids))
                     if icc_patients is not None and len(site.train) > icc_patients:
@@ -239,7 +239,9 @@ class Site:
                     second = self.radiomics(params, second_reader_seed, [str(p) for p in site.patient_ids[rows]])
                     add_second_reader(site, table, second)
                 return site
-            name = f"classical-{derive_seed(params, second_reader_seed, icc_patients):016x}"
+            # the name of a split fitted on "train" is the one of the caches written before ``fit_on`` existed
+            extra = () if fit_on == "train" else (fit_on,)
+            name = f"classical-{derive_seed(params, second_reader_seed, icc_patients, *extra):016x}"
             self._classical[key] = self._kept(name, build, _dataclass_to_arrays, _classical_from_arrays)
         return self._classical[key]
 

@@ -6,6 +6,13 @@ calls it), ``pooled_split`` the union of several hospitals' same splits, so ever
 model is tested on the same patients.
 The split is drawn at the site, stratified by the early-recurrence label, from
 the run's seed and the site's id: it needs nothing from other sites.
+
+Federated cross-validation (run option ``cv-folds``) works on the site's
+*development* patients, its training and validation splits together
+(``"dev"``): :func:`cv_folds` cuts them into K folds, again stratified and drawn
+at the site, and ``cv_split_name(k, K, "train")`` / ``(k, K, "val")`` name fold
+k's training part (the other folds) and its held-out part. The test split is
+never in a fold.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from hccfed.common.seeds import derive_seed
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.50, 0.15, 0.35)
+#: The development patients: the training and validation splits together (what cross-validation folds).
+DEV = "dev"
+_CV_PARTS = ("train", "val")
 
 
 @dataclass
@@ -56,15 +66,82 @@ def split_indices(site, seed: int, fractions=DEFAULT_FRACTIONS) -> dict[str, np.
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
+def cv_folds(site, seed: int, folds: int) -> list[np.ndarray]:
+    """The site's development patients (training + validation split) cut into ``folds`` folds, stratified
+    by label (1 / 0 / unknown) from the run's seed and the site's id; each fold's row indices, sorted.
+    Every development patient is in exactly one fold; a fold may be small at a small site (the site's
+    privacy.min_cell_size then refuses to release its tables, which stops the run with that reason)."""
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    splits = split_indices(site, seed)
+    dev = np.concatenate([splits["train"], splits["val"]])
+    rng = np.random.default_rng(derive_seed(seed, site.site_id, "cv-folds", folds))
+    parts: list[list[np.ndarray]] = [[] for _ in range(folds)]
+    offset = 0
+    for label in (1, 0, -1):
+        members = dev[np.asarray(site.labels)[dev] == label]
+        members = members[rng.permutation(len(members))]
+        # deal the members out in turn, continuing where the last label stopped, so the folds' sizes differ by
+        # at most one patient overall as well as within each label
+        for i, member in enumerate(members):
+            parts[(offset + i) % folds].append(np.atleast_1d(member))
+        offset += len(members)
+    return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
+
+
+def fitted_split(cv_folds: int) -> str:
+    """The patients a model learns from: the training split, or with cross-validation (``cv-folds`` >= 2)
+    every development patient; the references beside a run learn from the same."""
+    return DEV if cv_folds else "train"
+
+
+def cv_split_name(fold: int, folds: int, part: str) -> str:
+    """The split name of fold ``fold`` (1-based) of ``folds``: its ``part`` "train" (the other folds) or
+    "val" (the fold itself), as the server names it in its messages."""
+    if part not in _CV_PARTS or not 1 <= fold <= folds or folds < 2:
+        raise ValueError(f"no cross-validation split: fold {fold} of {folds}, part {part!r}")
+    return f"cv-{fold}-of-{folds}-{part}"
+
+
+def parse_cv_split(name: str) -> tuple[int, int, str] | None:
+    """(fold, folds, part) of a :func:`cv_split_name`, or None for any other name."""
+    bits = name.split("-")
+    if len(bits) != 5 or bits[0] != "cv" or bits[2] != "of" or bits[4] not in _CV_PARTS:
+        return None
+    try:
+        fold, folds = int(bits[1]), int(bits[3])
+    except ValueError:
+        return None
+    return (fold, folds, bits[4]) if 1 <= fold <= folds and folds >= 2 else None
+
+
 #: Every patient of a site: what an external (held-out) hospital tests a model on.
 ALL = "all"
 
 
+def split_rows(site, split: str, seed: int) -> np.ndarray:
+    """Row indices of ``split``: "train", "val", "test", "dev" (train + val), "all", or a
+    :func:`cv_split_name`; anything else is refused, naming the choices."""
+    if split == ALL:
+        return np.arange(len(site.patient_ids))
+    if split in SPLITS:
+        return split_indices(site, seed)[split]
+    if split == DEV:
+        splits = split_indices(site, seed)
+        return np.sort(np.concatenate([splits["train"], splits["val"]]))
+    cv = parse_cv_split(split)
+    if cv is None:
+        raise ValueError(f"split must be one of {(*SPLITS, DEV, ALL)} or cv-<k>-of-<K>-train|val, got {split!r}")
+    fold, folds, part = cv
+    parts = cv_folds(site, seed, folds)
+    if part == "val":
+        return parts[fold - 1]
+    return np.sort(np.concatenate([p for i, p in enumerate(parts) if i != fold - 1]))
+
+
 def site_split(site: PreparedSite, split: str, seed: int) -> SplitData:
-    """One split of one site, or all its patients with ``split="all"``."""
-    if split not in (*SPLITS, ALL):
-        raise ValueError(f"split must be one of {(*SPLITS, ALL)}, got {split!r}")
-    idx = np.arange(len(site.patient_ids)) if split == ALL else split_indices(site, seed)[split]
+    """One split of one site (:func:`split_rows`' names), or all its patients with ``split="all"``."""
+    idx = split_rows(site, split, seed)
     return SplitData(
         images=torch.from_numpy(site.images[idx].astype(np.float32)),
         clinical=torch.from_numpy(site.clinical[idx]),

@@ -130,6 +130,11 @@ class RunConfig:
                       choices=JOBS, cli=False)
     recalibration: str = option("platt", "test risks recalibrated on the pooled validation tables (reported "
                                 "beside the raw figures): platt, isotonic or none", choices=RECALIBRATIONS)
+    cv_folds: int = option(0, "federated K-fold cross-validation over each site's development patients (training "
+                           "and validation splits): the round is chosen, and the recalibration and operating point "
+                           "fitted, on the out-of-fold score tables of all K folds, then the final model trains on "
+                           "every development patient for that many rounds; costs K + 1 trainings (0: the "
+                           "validation split chooses, as before)", minimum=0)
     radiomics_features: tuple[str, ...] = option(
         (), "comma-separated radiomics the fusion model takes (<phase>_<region>_<feature>; empty: none), "
         "standardised against each site's own patients", group="model", cli=False)
@@ -172,6 +177,12 @@ class RunConfig:
         if not 0 < self.secagg_reconstruction_threshold <= 1:
             raise ConfigError("run config: 'secagg-reconstruction-threshold' must be in (0, 1], got "
                               f"{self.secagg_reconstruction_threshold}")
+        if self.cv_folds == 1:
+            raise ConfigError("run config: 'cv-folds' must be 0 (no cross-validation) or at least 2, got 1")
+        if self.cv_folds and (self.dp_epsilon > 0 or self.local_norm or self.secagg or self.resume):
+            raise ConfigError("run config: 'cv-folds' runs K + 1 trainings in one run; it is not combined with "
+                              "dp-epsilon (the privacy spent over K + 1 trainings is not accounted), local-norm, "
+                              "secagg or resume yet")
         if self.secagg and (self.strategy == "fedadam" or self.central_dp_noise > 0 or self.fraction_train < 1):
             raise ConfigError("run config: 'secagg' works with strategy fedavg or fedprox, every site training "
                               "(fraction-train 1) and no central DP: the server only sees the masked sum")

@@ -158,8 +158,12 @@ def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
         md += ["## Federated model per hospital", "", markdown_table(site_rows), ""]
         parts += ["<h2>Federated model per hospital</h2>", html_table(site_rows)]
     if history:
-        md += ["## Federated validation AUC by round", "", history, ""]
-        parts += ["<h2>Federated validation AUC by round</h2>", f"<p>{html.escape(history)}</p>"]
+        cv = metrics["models"].get("federated", {}).get("cross_validation")
+        title = ("Federated validation AUC by round" if not cv else
+                 f"Federated out-of-fold AUC by round ({cv['folds']}-fold cross-validation over the training and "
+                 f"validation splits; the final model trained {cv['selected_round']} rounds on all of them)")
+        md += [f"## {title}", "", history, ""]
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(history)}</p>"]
     md += clinical_md
     parts += clinical_html
     selection_md, selection_html = report_sections(metrics.get("models", {}))

@@ -96,7 +96,7 @@ def write_coordinator_report(run_dir: Path, result: dict[str, Any], run_id: str)
     from hccfed.server.report import write_report  # matplotlib and the plots: only once the run is over
 
     audit = run_dir / "messages_audit.jsonl"
-    rounds = max(1, int(result.get("rounds") or 1))
+    rounds = max(1, int(result.get("training_rounds") or result.get("rounds") or 1))
     result = {**result, "bytes_sent_per_round": bytes_sent_per_round(audit, rounds)}
     config = RunConfig.from_mapping(result["run_config"])
     if config.dp_epsilon > 0:

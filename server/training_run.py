@@ -14,6 +14,16 @@ validation score tables of that round, which the sites sent with it. The
 server writes the global model, the figures and an audit of every received
 message under the run's ``run-dir``.
 
+With ``cv-folds`` K >= 2 the round is chosen by federated cross-validation instead
+(:func:`cross_validate`): each site cuts its development patients (training and
+validation splits) into K folds at home; for each fold k a fresh model trains on
+the other folds for every round and each site evaluates it on fold k; the server
+pools the K folds' tables per round (out-of-fold, every development patient once)
+and keeps the round with the best pooled AUC. Then a final model trains on all
+development patients for that many rounds; the recalibration is fitted on that
+round's out-of-fold tables. Nothing new leaves a site: the same summaries, of
+other patient subsets, each above the site's minimum cell size.
+
 The round loop is written out here rather than using ``Strategy.start``: that
 loop always starts at round 1 and cannot resume, and the reply checks must
 run before any wrapper (central DP clips replies before its inner strategy sees them).
@@ -34,6 +44,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from hccfed.client.site_data import DEV, cv_split_name
 from hccfed.common.atomic_io import atomic_write_text
 from hccfed.common.errors import ConfigError
 from hccfed.common.run_config import RunConfig
@@ -174,10 +185,91 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
     return strategy.aggregate_evaluate(server_round, replies)
 
 
+def evaluation_tables(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                      evaluation: PooledEvaluation) -> list[dict[str, np.ndarray]]:
+    """Every site's evaluation summary of the split ``config`` names; a site that sent none (refused, failed or
+    silent) stops the run with its reason, since a pooled figure without it would be another cohort's."""
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    replies = list(grid.send_and_receive(messages))
+    before = len(evaluation.history)
+    strategy.aggregate_evaluate(server_round, replies)
+    contents = evaluation.last_contents if len(evaluation.history) > before else []
+    if not messages or len(contents) < len(messages):
+        reasons = [reason for _, reason in filter(None, map(refusal_of, replies))]
+        raise ConfigError(f"round {server_round}: {len(contents)} of {len(messages)} sites returned evaluation "
+                          f"tables of split {config['split']!r}" + (": " + "; ".join(reasons) if reasons else "")
+                          + ("" if not str(config["split"]).startswith("cv-") else
+                             " (a fold below a site's privacy.min_cell_size: use fewer cv-folds)"))
+    return summaries_of(contents)
+
+
+def cross_validate(grid: Any, roster: Roster, audited: Any, config: RunConfig, plan: Any, initial: ArrayRecord,
+                   progress: RunProgress) -> dict[str, Any]:
+    """Federated K-fold cross-validation of the round (``cv-folds``): K trainings of ``num-server-rounds``
+    rounds from ``initial``, fold k's model evaluated each round on fold k at every site. Returns the pooled
+    out-of-fold figures per round ("history"), the selected round (best pooled out-of-fold AUC, the earliest on
+    ties), its pooled out-of-fold score table, and each fold's own AUC per round. Fold k's round r travels as
+    message round (k - 1) * rounds + r, so every local seed, ledger entry and audit line is distinct."""
+    folds, rounds = config.cv_folds, config.num_server_rounds
+    per_fold: list[list[list[dict[str, np.ndarray]]]] = []
+    for fold in range(1, folds + 1):
+        evaluation = PooledEvaluation()
+        strategy = make_strategy(config, roster.minimum, evaluation)
+        arrays = initial
+        train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
+                                     "plan": plan.to_json(), "train-split": cv_split_name(fold, folds, "train")})
+        if config.strategy == "fedprox":
+            train_config["proximal-mu"] = config.proximal_mu
+        tables = []
+        for r in range(1, rounds + 1):
+            message_round = (fold - 1) * rounds + r
+            LOG.info("[CV FOLD %d/%d, ROUND %d/%d]", fold, folds, r, rounds)
+            arrays, _ = train_round_with_retries(strategy, grid, roster, audited, message_round, arrays,
+                                                 train_config, progress, config)
+            tables.append(evaluation_tables(strategy, grid, message_round, arrays, ConfigRecord(
+                {"split": cv_split_name(fold, folds, "val"), "run-token": progress.run_token,
+                 "model-round": message_round, "plan": plan.to_json()}), evaluation))
+        per_fold.append(tables)
+        LOG.info("cv fold %d/%d: held-out fold AUC per round %s", fold, folds,
+                 " ".join(f"{pooled_figures(t).get('auc', np.nan):.3f}" for t in tables))
+    history = [pooled_figures([s for tables in per_fold for s in tables[r]]) for r in range(rounds)]
+    aucs = np.array([h.get("auc", np.nan) for h in history], dtype=float)
+    if not np.isfinite(aucs).any():
+        raise ConfigError("cross-validation: no round has a pooled out-of-fold AUC (every fold needs patients "
+                          "of both classes)")
+    best = int(np.nanargmax(aucs)) + 1  # nanargmax keeps the first of equal maxima
+    LOG.info("cross-validation: pooled out-of-fold AUC best at round %d (%.3f) of %d", best, aucs[best - 1], rounds)
+    return {"folds": folds, "selected_round": best, "history": history,
+            "score_table": pooled_score_table([s for tables in per_fold for s in tables[best - 1]]),
+            "per_fold_auc": [[pooled_figures(t).get("auc", float("nan")) for t in tables] for tables in per_fold]}
+
+
+def train_final(grid: Any, roster: Roster, audited: Any, config: RunConfig, plan: Any, initial: ArrayRecord,
+                progress: RunProgress, rounds: int, first_message_round: int, run_dir: Path
+                ) -> tuple[ArrayRecord, Strategy, PooledEvaluation]:
+    """After cross-validation: a fresh model trained on every site's development patients for ``rounds``
+    rounds (no validation split is left to evaluate on); each round checkpointed under its own number."""
+    evaluation = PooledEvaluation()
+    strategy = make_strategy(config, roster.minimum, evaluation)
+    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
+                                 "plan": plan.to_json(), "train-split": DEV})
+    if config.strategy == "fedprox":
+        train_config["proximal-mu"] = config.proximal_mu
+    arrays = initial
+    for r in range(1, rounds + 1):
+        LOG.info("[FINAL ROUND %d/%d] on every development patient", r, rounds)
+        arrays, metrics = train_round_with_retries(strategy, grid, roster, audited, first_message_round + r, arrays,
+                                                   train_config, progress, config)
+        if metrics is not None:
+            progress.train_history[r] = dict(metrics)
+        save_checkpoint(run_dir, r, arrays, config, strategy_state(strategy), vars(progress))
+    return arrays, strategy, evaluation
+
+
 # run-dir: "{run-id}" then the folder itself; recalibration only changes what the final report adds.
 RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir", "recalibration"}
 #: What a checkpoint written before an option existed ran with (the behaviour before the option).
-BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": "", "vit-registers": 0}
+BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": "", "vit-registers": 0, "cv-folds": 0}
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:
@@ -260,36 +352,51 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
     if aggregator is not None and config.strategy == "fedprox":
         train_config["proximal-mu"] = config.proximal_mu  # FedProx's configure_train is bypassed
     started = time.time()
-    for server_round in range(start_round, config.num_server_rounds + 1):
-        LOG.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
-        if aggregator is not None:
-            roster.wait(audited, config.roster_wait_s)  # a restarted SuperNode is identified again and rejoins
-            arrays, train_metrics = secure_train_round(aggregator, grid, server_round, arrays, train_config)
-        else:
-            arrays, train_metrics = train_round_with_retries(strategy, grid, roster, audited, server_round, arrays,
-                                                             train_config, progress, config)
-        if train_metrics is not None:
-            progress.train_history[server_round] = dict(train_metrics)
-        pooled_before = len(evaluation.history)
-        evaluate_round_on_sites(strategy, grid, server_round, arrays,
-                                ConfigRecord({"split": "val", "run-token": progress.run_token,
-                                              "model-round": server_round, "plan": plan.to_json()}))
-        progress.validation_history = list(evaluation.history)
-        validation = evaluation.last_contents if len(evaluation.history) > pooled_before else None  # None: no tables
-        progress.update_best(server_round, evaluation.history[-1].get("auc", np.nan) if evaluation.history
-                             else np.nan, validation)
-        save_checkpoint(run_dir, server_round, arrays, config, strategy_state(strategy), vars(progress))
-    best = load_checkpoint(run_dir, progress.best_round) if progress.best_round else None
-    selected = best["arrays"] if best is not None else arrays
+    cv: dict[str, Any] | None = None
+    if config.cv_folds:
+        cv = cross_validate(grid, roster, audited, config, plan, arrays, progress)
+        progress.best_round = cv["selected_round"]
+        progress.best_auc = cv["history"][progress.best_round - 1]["auc"]
+        progress.best_validation_scores = cv["score_table"]
+        progress.validation_history = list(cv["history"])
+        first = config.cv_folds * config.num_server_rounds
+        selected, strategy, evaluation = train_final(grid, roster, audited, config, plan, arrays, progress,
+                                                     progress.best_round, first, run_dir)
+        test_round = first + progress.best_round + 1
+    else:
+        for server_round in range(start_round, config.num_server_rounds + 1):
+            LOG.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
+            if aggregator is not None:
+                # a restarted SuperNode is identified again and rejoins
+                roster.wait(audited, config.roster_wait_s)
+                arrays, train_metrics = secure_train_round(aggregator, grid, server_round, arrays, train_config)
+            else:
+                arrays, train_metrics = train_round_with_retries(strategy, grid, roster, audited, server_round,
+                                                                 arrays, train_config, progress, config)
+            if train_metrics is not None:
+                progress.train_history[server_round] = dict(train_metrics)
+            pooled_before = len(evaluation.history)
+            evaluate_round_on_sites(strategy, grid, server_round, arrays,
+                                    ConfigRecord({"split": "val", "run-token": progress.run_token,
+                                                  "model-round": server_round, "plan": plan.to_json()}))
+            progress.validation_history = list(evaluation.history)
+            # None: no tables
+            validation = evaluation.last_contents if len(evaluation.history) > pooled_before else None
+            progress.update_best(server_round, evaluation.history[-1].get("auc", np.nan) if evaluation.history
+                                 else np.nan, validation)
+            save_checkpoint(run_dir, server_round, arrays, config, strategy_state(strategy), vars(progress))
+        best = load_checkpoint(run_dir, progress.best_round) if progress.best_round else None
+        selected = best["arrays"] if best is not None else arrays
+        test_round = config.num_server_rounds + 1
     # Final evaluation of the selected global model on every site's test split.
     roster.wait(audited, config.roster_wait_s)
-    test_round = config.num_server_rounds + 1
+    pooled_before = len(evaluation.history)
     replies = grid.send_and_receive(messages=strategy.configure_evaluate(
         test_round, selected, ConfigRecord({"split": "test", "run-token": progress.run_token,
                                             "model-round": progress.best_round, "figures": "clinical",
                                             "plan": plan.to_json()}), grid))
     strategy.aggregate_evaluate(test_round, replies)
-    if len(evaluation.history) <= len(progress.validation_history):  # no site's test tables were pooled
+    if len(evaluation.history) <= pooled_before:  # no site's test tables were pooled
         reasons = [reason for _, reason in filter(None, map(refusal_of, replies))]
         raise ConfigError(f"no site returned test evaluation tables ({len(replies)} replies)"
                           + (": " + "; ".join(reasons) if reasons else ""))
@@ -305,10 +412,13 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
         "run_config": config.to_flwr(),
         "plan": json.loads(plan.to_json()),
         "rounds": config.num_server_rounds,
+        # training rounds the sites ran (cross-validation: K folds x rounds, then the final model's)
+        "training_rounds": config.num_server_rounds if cv is None else test_round - 1,
         "selected_round": progress.best_round,
         "seconds": time.time() - started,
         "resumed_after_round": start_round - 1,
-        "validation_history": evaluation.history,
+        "validation_history": evaluation.history if cv is None else cv["history"],
+        **({"cross_validation": cv} if cv is not None else {}),
         "train_history": progress.train_history,
         "rejected_replies": progress.rejected,
         "roster": {"expected": list(roster.expected), "min_sites": roster.minimum,

@@ -37,7 +37,7 @@ import numpy as np
 from scipy.stats import norm
 
 from hccfed.client.site import Site
-from hccfed.client.site_data import ALL
+from hccfed.client.site_data import ALL, fitted_split, split_rows
 from hccfed.common.run_config import ENCODERS, RunConfig, option
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
@@ -166,7 +166,8 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     sim, site_paths, sites, holdouts = prepare_seed(settings, seed)
     run_dir = sim.runs_dir / sim.run_id
     book = TestPredictions()
-    classical = classical_model_results(sites, harmonize=True, holdouts=holdouts, book=book)
+    fitted = fitted_split(settings.run.cv_folds)  # with cross-validation every model learns from train + val
+    classical = classical_model_results(sites, harmonize=True, holdouts=holdouts, book=book, fit_on=fitted)
     radiomics = tuple(classical["R (federated)"]["features"])
     sites = [s.with_radiomics(radiomics, "fast") for s in sites]
     holdouts = [h.with_radiomics(radiomics, "fast") for h in holdouts]
@@ -194,7 +195,8 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
                                                                    encoder, book)
     models["clinical-only (centralized)"] = train_reference("clinical-only (centralized)", sites, sets, base, "none",
                                                             book, radiomics=False)
-    models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, sets, book)
+    models["clinical logistic regression (centralized)"] = clinical_logistic_regression(sites, sets, book,
+                                                                                         split=fitted)
     models.update(classical)
     reference = f"federated {settings.encoder_list()[0]}"
     result = {
@@ -203,8 +205,9 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "seconds": time.time() - started,
         "held_out_patients": {h.site_id: len(h) for h in holdouts},
         "archive_patients": {a.site_id: len(a) for a in archives},
-        "train_patients": {s.site_id: int(len(s.split_indices["train"])) for s in sites},
+        "train_patients": {s.site_id: int(len(split_rows(s.rows, fitted, s.seed))) for s in sites},
         "validation_patients": {s.site_id: int(len(s.split_indices["val"])) for s in sites},
+        "cv_folds": settings.run.cv_folds,
         "models": {name: _model_row(m) for name, m in models.items()},
         "oracle": _model_row(oracle_figures([sim.data_dir, sim.data_dir.parent / "holdout"], sets)),
         "paired_delong": paired_delong_tests(book, reference),

@@ -117,19 +117,20 @@ def score_holdouts(fitted: dict, holdouts: list[Site], params: str, book=None) -
 def classical_model_results(sites: list[Site], harmonize: bool = True, params: str = "fast", n_folds: int = 5,
                             second_reader_seed: int | None = SECOND_READER_SEED,
                             icc_patients: int | None = ICC_PATIENTS_PER_SITE,
-                            holdouts: list[Site] = (), book=None) -> dict[str, dict]:
+                            holdouts: list[Site] = (), book=None, fit_on: str = "train") -> dict[str, dict]:
     """The demo report's rows for CR / R / RCR trained federated on the demo's sites.
 
     Each :class:`~hccfed.client.site.Site` gives its rows (``Site.classical``: the same patients and
     train / test split as the deep models, radiomics with ``params`` cached under its ``cache_dir``).
     ``second_reader_seed``: the simulated second reader whose radiomics (perturbed masks) feed the ICC
-    filter, of ``icc_patients`` training patients per site (None: all); None: no ICC step.
+    filter, of ``icc_patients`` training patients per site (None: all); None: no ICC step. ``fit_on``:
+    "train", or "dev" (training and validation) beside cross-validated deep models.
     Returns {"CR (federated)" / "R (federated)" / "RCR (federated)": {"test": pooled_figures (auc,
     auc_ci_lower, auc_ci_upper, c_index, n_patients, n_positive, n_negative, ...), "figures":
     pooled_clinical_figures, "train_patients": int, "features": [...], "harmonized": bool}}; the R
     entry also holds "selection" (server.radiomics_selection) and the protected covariates.
     """
-    rows = [site.classical(params, second_reader_seed, icc_patients) for site in sites]
+    rows = [site.classical(params, second_reader_seed, icc_patients, fit_on) for site in sites]
     out = run_classical_models(rows, sites[0].seed, n_folds, harmonize)
     if holdouts:  # the benchmark: each model on the held-out cohorts instead of the test splits
         held = score_holdouts(out, list(holdouts), params, book)

@@ -96,31 +96,37 @@ def operating_threshold(summaries: list[dict[str, np.ndarray]]) -> float | None:
 
 def evaluate_scores(rows: list[tuple[str, SplitData, np.ndarray, np.ndarray]],
                     validation: list[tuple[str, SplitData, np.ndarray, np.ndarray]] = (),
-                    recalibration: str = "platt") -> dict[str, Any]:
+                    recalibration: str = "platt",
+                    validation_summaries: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Pooled and per-site figures from (site, data, logits, log-risks) of the test patients, through the
     sites' tables; the operating point at the threshold chosen on ``validation`` (same form), and the
     calibration figures after ``recalibration`` ("platt", "isotonic"; "none": not) fitted on
-    ``validation``'s pooled score tables, as a federated run's server does (``recalibrated``)."""
+    ``validation``'s pooled score tables, as a federated run's server does (``recalibrated``).
+    ``validation_summaries``: the validation tables themselves instead of ``validation`` (cross-validation:
+    the out-of-fold tables of the selected round, which the final model cannot give)."""
     summaries, clinical = {}, []
     for site_id, data, logits, risks in rows:
         values = (logits, risks, data.labels.numpy(), data.times.numpy(), data.events.numpy())
         summaries[site_id] = evaluation_summary(*values)
         clinical.append(clinical_summary(*values))
-    validation_summaries = _validation_summaries(list(validation))
+    if validation_summaries is None:
+        validation_summaries = _validation_summaries(list(validation))
     threshold = operating_threshold(validation_summaries)
     out = {"test": pooled_figures(list(summaries.values())),
            "test_per_site": {s: pooled_figures([summary]) for s, summary in summaries.items()},
            "figures": pooled_clinical_figures(clinical, threshold, THRESHOLD_SOURCE)}
-    if validation and recalibration != "none":
+    if validation_summaries and recalibration != "none":
         out["recalibrated"] = recalibrated_clinical_figures(clinical, validation_summaries, recalibration, threshold,
                                                             THRESHOLD_SOURCE)
     return out
 
 
 def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | None = None,
-                     book: TestPredictions | None = None, recalibration: str = "platt") -> dict[str, Any]:
+                     book: TestPredictions | None = None, recalibration: str = "platt",
+                     validation_summaries: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Test figures of ``model`` on ``sets`` through the same summary path as a federated run (its
-    operating point from ``sets.validation``); its test scores go into ``book`` (under ``name``)
+    operating point from ``sets.validation``, or from ``validation_summaries`` when given: a cross-validated
+    model, whose validation patients it trained on); its test scores go into ``book`` (under ``name``)
     for the paired DeLong tests."""
     rows = []
     for site_id, data in sets:
@@ -128,6 +134,8 @@ def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | N
         rows.append((site_id, data, logits, risks))
         if book is not None and name is not None:
             book.add(name, site_id, data, logits)
+    if validation_summaries is not None:
+        return evaluate_scores(rows, (), recalibration, validation_summaries)
     validation = [(site_id, data, *predict(model, data)) for site_id, data in getattr(sets, "validation", [])]
     return evaluate_scores(rows, validation, recalibration)
 

@@ -14,7 +14,9 @@ import torch
 
 from hccfed.client.federated import model_for
 from hccfed.client.site import Site
+from hccfed.client.site_data import fitted_split, split_rows
 from hccfed.common.run_config import RunConfig
+from hccfed.server.federated_eval import score_table_arrays
 from hccfed.server.run_summary import bytes_sent_per_round, dp_spent_per_site
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test
 from hccfed.simulation.flower_runner import flwr_run
@@ -52,7 +54,9 @@ def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: Eval
     result = json.loads((folder / "federated.json").read_text())
     if not run.local_norm:  # with local norms each site tests its own variant: no single model to hold
         internal = {k: result[k] for k in ("test", "test_per_site", "figures", "recalibrated") if k in result}
-        tested = evaluate_on_test(federated_model(run), sets, name, book, run.recalibration)
+        cv = result.get("cross_validation")
+        tested = evaluate_on_test(federated_model(run), sets, name, book, run.recalibration,
+                                  None if cv is None else [score_table_arrays(cv["score_table"])])
         if external is None and "figures" in result:  # the operating point at the validation threshold
             result["figures"]["threshold"] = tested["figures"]["threshold"]
         if external is not None:
@@ -61,14 +65,15 @@ def federated_run(run: RunConfig, name: str, train_sites: list[Site], sets: Eval
     log.info(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f} "
          f"({time.time() - t0:.0f} s)")
     audit = folder / "messages_audit.jsonl"
-    result["bytes_sent_per_round"] = bytes_sent_per_round(audit, run.num_server_rounds)
+    result["bytes_sent_per_round"] = bytes_sent_per_round(audit, int(result.get("training_rounds",
+                                                                               run.num_server_rounds)))
     log.info("bytes each site sends per round: " + ", ".join(
         f"{site} {n / 1e6:.3f} MB" for site, n in result["bytes_sent_per_round"].items()))
     if run.dp_epsilon > 0:
         result["dp_epsilon_spent_per_site"] = dp_spent_per_site(audit)
         log.info(f"DP-SGD at the sites (target epsilon {run.dp_epsilon}, delta {run.dp_delta}), spent: " + ", ".join(
             f"{site} {eps:.2f}" for site, eps in result["dp_epsilon_spent_per_site"].items()))
-    result["train_patients"] = sum(len(s.split_indices["train"]) for s in train_sites)
+    result["train_patients"] = sum(len(split_rows(s.rows, fitted_split(run.cv_folds), s.seed)) for s in train_sites)
     return result
 
 

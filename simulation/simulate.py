@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hccfed.client.site import Site
+from hccfed.client.site_data import fitted_split
 from hccfed.common.plan import derive_plan
 from hccfed.common.run_config import RunConfig
 from hccfed.common.site_config import load_site_config
@@ -89,7 +90,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
         t0 = time.time()
         log.info("classical models (CR / R / RCR) by federated statistics on ComBat-harmonized radiomics "
              "(each site extracts its radiomics once; cached)")
-        classical = classical_model_results(train_sites, harmonize=True)
+        classical = classical_model_results(train_sites, harmonize=True, fit_on=fitted_split(settings.run.cv_folds))
         radiomics = tuple(classical["R (federated)"]["features"])
         for name, result in classical.items():
             log.info(f"{name}: test AUC {result['test']['auc']:.3f}, C-index {result['test']['c_index']:.3f}"
@@ -126,7 +127,7 @@ def simulate(settings: SimulationSettings = SimulationSettings()) -> Path:
                                                                  run.encoder, book, clinical=False,
                                                                  radiomics=False)
         models["clinical logistic regression (centralized)"] = clinical_logistic_regression(
-            train_sites, sets, book)
+            train_sites, sets, book, split=fitted_split(run.cv_folds))
     paired = paired_delong_tests(book)
     if run.local_norm and paired.get("status") == "computed":
         paired["note"] = "the federated model is not in these tests: with local norms each site holds its own variant"

@@ -71,3 +71,24 @@ def test_combat_estimate_in_a_request_harmonises_train_and_test_rows_of_its_colu
         endpoints[0].handle({"op": "combat_apply", **estimate})
     with pytest.raises(ValueError, match="site h1: the request's ComBat estimate has no parameters for this site"):
         endpoints[0].handle({"op": "moments", "combat": {**estimate, "site_params": {}}})
+
+
+def test_beside_cross_validated_models_the_classical_rows_are_fitted_on_train_and_validation():
+    from types import SimpleNamespace
+
+    from hccfed.client.classical_site import join_site
+    from hccfed.client.site_data import split_indices
+
+    rng = np.random.default_rng(2)
+    n = 40
+    rows = SimpleNamespace(site_id="hospital_x", patient_ids=np.array([f"P{i:03d}" for i in range(n)]),
+                           clinical_names=["age"], clinical=rng.normal(size=(n, 1)),
+                           labels=rng.choice([0, 1, -1], size=n), times=rng.uniform(1, 40, n),
+                           events=rng.integers(0, 2, n))
+    splits = split_indices(rows, 5)
+    plain, dev = join_site(rows, None, 5), join_site(rows, None, 5, fit_on="dev")
+    np.testing.assert_array_equal(plain.train, splits["train"])
+    np.testing.assert_array_equal(dev.train, np.sort(np.concatenate([splits["train"], splits["val"]])))
+    np.testing.assert_array_equal(plain.test, dev.test)  # the test split is never fitted on
+    with pytest.raises(ValueError, match="fit_on"):
+        join_site(rows, None, 5, fit_on="test")

@@ -34,6 +34,11 @@ def test_parses_flower_values_and_rejects_typos():
     ({"local-epochs": "two"}, r"key 'local-epochs' must be int, got 'two'"),
     ({"secagg": "maybe"}, r"'secagg' must be true or false"),
     ({"secagg": True, "strategy": "fedadam"}, "secagg"),
+    ({"cv-folds": 1}, r"'cv-folds' must be 0 \(no cross-validation\) or at least 2, got 1"),
+    ({"cv-folds": -2}, r"'cv-folds' must be >= 0"),
+    ({"cv-folds": 5, "dp-epsilon": 8.0}, r"'cv-folds' .* not combined with dp-epsilon"),
+    ({"cv-folds": 5, "local-norm": True}, r"'cv-folds' .* local-norm"),
+    ({"cv-folds": 3, "resume": True}, r"'cv-folds' .* resume"),
 ])
 def test_bad_values_are_named(raw, message):
     with pytest.raises(ConfigError, match=message):

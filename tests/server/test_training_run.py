@@ -195,3 +195,64 @@ def test_the_plan_comes_from_the_sites_fingerprints_and_a_refusing_site_stops_th
     with pytest.raises(PlanError, match=r"hospital_b: .*preprocessing.crop_voxels = 48.*32"):
         run_federated_training(grid, refused)
     assert not any(m.metadata.message_type == "train" for m in grid.sent)
+
+
+def _dev_patients(site_yamls, seed):
+    """Each site's development patients (training + validation split), as the site counts them."""
+    from hccfed.client.site import Site
+    from hccfed.client.site_data import DEV, split_rows
+    from hccfed.common.site_config import load_site_config
+
+    out = {}
+    for path in site_yamls:
+        site = Site(load_site_config(path), seed)
+        out[site.site_id] = split_rows(site.rows, DEV, seed)
+    return out
+
+
+def test_cross_validation_chooses_the_round_on_every_development_patient_then_trains_on_all_of_them(
+        tiny_cohort, tmp_path, in_process_grid):
+    config = _run_config(tiny_cohort, tmp_path / "cv", cv_folds=2)
+    grid = _grid(in_process_grid, tiny_cohort, config)
+    out = run_federated_training(grid, config)
+    cv = out["cross_validation"]
+    assert cv["folds"] == 2 and len(cv["history"]) == ROUNDS and np.shape(cv["per_fold_auc"]) == (2, ROUNDS)
+    aucs = [h["auc"] for h in cv["history"]]
+    assert out["selected_round"] == cv["selected_round"] == int(np.nanargmax(aucs)) + 1
+    assert out["validation_history"] == cv["history"]
+
+    # The out-of-fold tables of each round hold every development patient once, and nobody else.
+    dev = _dev_patients(tiny_cohort[1], 3)
+    assert all(h["n_patients"] == sum(len(v) for v in dev.values()) for h in cv["history"])
+    counted = sum(int(np.sum(cv["score_table"][k])) for k in AUC_KEYS if k != "auc_value")
+    assert counted == cv["history"][0]["n_positive"] + cv["history"][0]["n_negative"]
+    assert "error" not in out["recalibrated"]  # fitted on the selected round's out-of-fold table
+
+    # What each site was asked: fold k trains on the other fold and is evaluated on its own, under message
+    # rounds of its own; then the final model trains on every development patient for the selected rounds.
+    asked = [(m.metadata.message_type, int(m.content["config"]["server-round"]),
+              str(m.content["config"].get("train-split", m.content["config"].get("split"))))
+             for m in grid.sent if m.metadata.message_type in ("train", "evaluate")]
+    trains = sorted({(r, s) for t, r, s in asked if t == "train"})
+    evaluations = sorted({(r, s) for t, r, s in asked if t == "evaluate"})
+    selected = out["selected_round"]
+    assert trains == ([(r, "cv-1-of-2-train") for r in (1, 2)] + [(r, "cv-2-of-2-train") for r in (3, 4)]
+                      + [(4 + r, "dev") for r in range(1, selected + 1)])
+    assert evaluations == ([(r, "cv-1-of-2-val") for r in (1, 2)] + [(r, "cv-2-of-2-val") for r in (3, 4)]
+                           + [(4 + selected + 1, "test")])
+    assert out["test"]["n_patients"] > 0 and load_checkpoint(tmp_path / "cv")["round"] == selected
+    assert out["training_rounds"] == 2 * ROUNDS + selected
+    assert "out-of-fold AUC by round (2-fold cross-validation" in (tmp_path / "cv" / "report.md").read_text()
+
+
+def test_a_fold_below_a_sites_minimum_cell_size_stops_the_run_naming_the_fix(tiny_cohort, tmp_path, in_process_grid):
+    from site_fixtures import tiny_profiles, write_site_yamls
+
+    yamls = write_site_yamls(tiny_cohort[0], tmp_path / "cache", tmp_path / "sites", tiny_profiles(), min_cell_size=4)
+    config = _run_config(tiny_cohort, tmp_path / "small", cv_folds=3)
+    config["site-configs"] = ",".join(map(str, yamls))
+    grid = _grid(in_process_grid, tiny_cohort, config)
+    with pytest.raises(ConfigError, match=r"split 'cv-1-of-3-val'.*min_cell_size.*use fewer cv-folds"):
+        run_federated_training(grid, config)
+    assert not any(m.metadata.message_type == "train" and m.content["config"].get("train-split") == "dev"
+                   for m in grid.sent)

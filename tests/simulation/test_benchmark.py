@@ -120,3 +120,16 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     kept = (out / "seed-5" / "benchmark-seed.json").stat().st_mtime_ns
     run_benchmark(settings)
     assert (out / "seed-5" / "benchmark-seed.json").stat().st_mtime_ns == kept
+
+    # cross-validated (the same cohorts): through Flower, and every model learns from train + validation
+    cv = dataclasses.replace(settings, out_dir=tmp_path / "bench-cv", pretrain_rounds=0, archive=0,
+                             run=dataclasses.replace(settings.run, cv_folds=2))
+    (seed,) = json.loads((run_benchmark(cv) / "benchmark.json").read_text())["per_seed"]
+    models = seed["models"]
+    assert seed["cv_folds"] == 2
+    assert sum(seed["train_patients"].values()) == sum(result["per_seed"][0]["train_patients"].values()) + sum(
+        seed["validation_patients"].values())
+    assert {models[m]["train_patients"] for m in ("federated cnn", "centralized cnn", "CR (federated)",
+                                                  "RCR (federated)")} == {sum(seed["train_patients"].values())}
+    assert all(1 <= models[m]["selected_round"] <= 2 for m in ("federated cnn", "centralized cnn"))
+    assert "out-of-fold AUC by round" in (tmp_path / "bench-cv" / "seed-5" / "federated-cnn" / "report.md").read_text()
