@@ -21,6 +21,7 @@ from hccfed.common.errors import ConfigError
 ENCODERS = ("cnn", "resnet10", "vit", "none")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AUGMENTATIONS = ("flip-shift", "affine", "none")
+FUSION_HEADS = ("mlp", "wide")  # common.models.fusion's head: an MLP, or an MLP plus a linear term (wide and deep)
 TABULAR_NORMS = ("layer", "none")  # how common.models.fusion's head takes the radiomics and clinical vectors
 JOBS = ("train", "stats", "stats-combat")
 RADIOMICS_PARAMS = ("fast", "full")  # or a path to a pyradiomics parameter file
@@ -92,6 +93,9 @@ class RunConfig:
     tabular_norm: str = option("none", "how the radiomics and clinical vectors enter the fusion head: a "
                                "LayerNorm over each patient's vector, or as the site harmonised them",
                                group="model", choices=TABULAR_NORMS)
+    fusion_head: str = option("mlp", "the fusion head: an MLP over the image, radiomics and clinical vectors, or "
+                              "that MLP plus a linear term over the same vectors (wide and deep: the logistic "
+                              "model of RCR is one of its solutions)", group="model", choices=FUSION_HEADS)
     pretrained_encoder: str = option("", "the file of `hccfed pretrain` (its encoder.pt) whose encoder weights the "
                                      "fusion model starts from; empty: random initialisation", group="model",
                                      metavar="FILE")

@@ -269,7 +269,8 @@ def train_final(grid: Any, roster: Roster, audited: Any, config: RunConfig, plan
 # run-dir: "{run-id}" then the folder itself; recalibration only changes what the final report adds.
 RESUME_MAY_CHANGE = {"resume", "num-server-rounds", "run-dir", "recalibration"}
 #: What a checkpoint written before an option existed ran with (the behaviour before the option).
-BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": "", "vit-registers": 0, "cv-folds": 0}
+BEFORE_OPTION = {"tabular-norm": "layer", "pretrained-encoder": "", "vit-registers": 0, "cv-folds": 0,
+                 "fusion-head": "mlp"}
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from hccfed.common.models.resnet import ResNet10Encoder3d
 from hccfed.common.models.vit import ViTEncoder3d
-from hccfed.common.run_config import ENCODERS, TABULAR_NORMS
+from hccfed.common.run_config import ENCODERS, FUSION_HEADS, TABULAR_NORMS
 
 if TYPE_CHECKING:
     from hccfed.common.run_config import RunConfig
@@ -103,7 +103,9 @@ class FusionNet(nn.Module):
     Linear(image_dim). Radiomics path (``n_radiomics`` > 0, the selected
     handcrafted features as in DLRCR / RDC) and clinical path: as given, or a
     LayerNorm each (``tabular_norm``). Head: MLP with ``hidden`` units (0: linear)
-    over their concatenation.
+    over their concatenation; ``head="wide"`` adds a linear term over the same
+    concatenation (wide and deep), so a logistic model of the radiomics and labs
+    (RCR) is reachable without the MLP having to learn a linear function.
 
     ``encoder="none"`` gives the clinical-only model through the same code path.
     ``width`` is the encoder's base width (CNN and ResNet-10 stage width, ViT
@@ -115,7 +117,7 @@ class FusionNet(nn.Module):
     def __init__(self, in_channels: int, n_clinical: int, encoder: str = "cnn",
                  width: int = 12, image_dim: int = 8, hidden: int = 32, dropout: float = 0.2,
                  kinetics: bool = True, patch_size: int = 8, depth: int = 4, heads: int = 4,
-                 n_radiomics: int = 0, tabular_norm: str = "none", registers: int = 0):
+                 n_radiomics: int = 0, tabular_norm: str = "none", registers: int = 0, head: str = "mlp"):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -143,6 +145,9 @@ class FusionNet(nn.Module):
         n_in = n_image + n_radiomics + n_clinical
         self.head = (nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
                      if hidden else nn.Linear(n_in, 2))
+        if head not in FUSION_HEADS:
+            raise ValueError(f"head must be one of {FUSION_HEADS}, got {head!r}")
+        self.wide = nn.Linear(n_in, 2) if head == "wide" and hidden else None
 
     def forward(self, images: torch.Tensor, clinical: torch.Tensor,
                 radiomics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +164,8 @@ class FusionNet(nn.Module):
             parts.append(self.radiomics_norm(radiomics))
         if self.clinical_norm is not None:
             parts.append(self.clinical_norm(clinical))
-        out = self.head(torch.cat(parts, dim=1))
+        fused = torch.cat(parts, dim=1)
+        out = self.head(fused) if self.wide is None else self.head(fused) + self.wide(fused)
         return out[:, 0], out[:, 1]
 
 
@@ -205,7 +211,8 @@ def model_from_run_config(config: "RunConfig", in_channels: int, n_clinical: int
     return build_model(config.encoder, in_channels, n_clinical, width=config.encoder_width, seed=config.seed,
                        patch_size=config.vit_patch_size, depth=config.vit_depth, heads=config.vit_heads,
                        registers=config.vit_registers,
-                       n_radiomics=len(config.radiomics_features), tabular_norm=config.tabular_norm)
+                       n_radiomics=len(config.radiomics_features), tabular_norm=config.tabular_norm,
+                       head=config.fusion_head)
 
 
 def norm_parameter_names(model: nn.Module) -> list[str]:

@@ -181,3 +181,27 @@ def test_forward_backward_on_cuda_with_mixed_precision(encoder):
         logit, risk = model(_images().cuda(), torch.randn(2, 7, device="cuda"))
     (logit.float().sum() + risk.float().sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_wide_head_adds_a_linear_term_that_can_hold_a_logistic_model():
+    from opacus import GradSampleModule
+
+    model = build_model("cnn", 5, 7, width=4, seed=1, n_radiomics=2, head="wide").eval()
+    images, clinical, radiomics = _images(3), torch.randn(3, 7), torch.randn(3, 2)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.zero_()  # the MLP silenced: what is left is the linear term alone
+        model.wide.weight.zero_()
+        model.wide.bias.zero_()
+        model.wide.weight[0, -7:] = torch.arange(1.0, 8.0)  # a logistic model of the labs
+        model.wide.bias[0] = -0.5
+        logit, _ = model(images, clinical, radiomics)
+    torch.testing.assert_close(logit, clinical @ torch.arange(1.0, 8.0) - 0.5)
+    plain = build_model("cnn", 5, 7, width=4, seed=1, n_radiomics=2)
+    assert plain.wide is None and set(model.state_dict()) - set(plain.state_dict()) == {"wide.weight", "wide.bias"}
+    model.train()
+    private = GradSampleModule(model)
+    private(images, clinical, radiomics)[0].sum().backward()
+    assert model.wide.weight.grad_sample.shape == (3, 2, model.wide.in_features)  # DP-SGD works with it
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model("cnn", 5, 7, width=4, head="deep")
