@@ -244,7 +244,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     from hccfed.simulation.benchmark import BenchmarkSettings
 
     add_arguments(parser, BenchmarkSettings)
-    add_arguments(parser, RunConfig, exclude=("seed", "resume", "encoder", "pretrained_encoder"))
+    add_arguments(parser, RunConfig, exclude=("seed", "resume", "encoder", "pretrained_encoder", "cv_folds"))
 
 
 def build_parser() -> argparse.ArgumentParser:

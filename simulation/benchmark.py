@@ -78,6 +78,11 @@ class BenchmarkSettings:
                                   "tokens) of this many rounds on each hospital's training scans and archive "
                                   "(rows '+ pretraining'; 0: not)", minimum=0)
     archive: int = option(0, "scans per hospital in its unlabelled archive, for the pretraining", minimum=0)
+    cv_folds: int = option(5, "federated K-fold cross-validation (the run option cv-folds): every neural model "
+                           "chooses its round, recalibration and threshold on the out-of-fold tables of the training "
+                           "and validation patients, then learns from all of them, as do the classical models "
+                           "(0: the validation split chooses and every model learns from the training split)",
+                           minimum=0)
     device: str = option("auto", "where models train: auto (CUDA when torch sees a GPU), cpu, or cuda "
                          "(refused without one)", choices=DEVICES)
     workers: int | None = option(None, "processes for the cohorts, preparation and radiomics (default: all cores)")
@@ -85,6 +90,12 @@ class BenchmarkSettings:
     fov_mm: tuple[float, float, float] | None = option(None, "the synthetic scans' field of view (mm); None: the "
                                                        "cohort's on disk, or the default for a new one", cli=False)
     run: RunConfig = option(RunConfig(), "the models' options", cli=False)
+
+    def model_options(self) -> RunConfig:
+        """The models' run options, with the benchmark's ``cv_folds``."""
+        run = replace(self.run, cv_folds=self.cv_folds)
+        run.check()
+        return run
 
     def seed_list(self) -> list[int]:
         if self.dev:
@@ -140,7 +151,7 @@ def _seed_settings(settings: BenchmarkSettings, seed: int) -> SimulationSettings
     root = settings.cohorts_dir / f"seed-{seed}"
     return SimulationSettings(data_dir=root / "data", runs_dir=settings.out_dir, cache_dir=root / "cache",
                               sites=settings.sites, fov_mm=settings.fov_mm, run_id=f"seed-{seed}",
-                              workers=settings.workers, run=replace(settings.run, seed=seed))
+                              workers=settings.workers, run=replace(settings.model_options(), seed=seed))
 
 
 def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan, kind: str = "holdout") -> list[Site]:
@@ -166,7 +177,7 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     sim, site_paths, sites, holdouts = prepare_seed(settings, seed)
     run_dir = sim.runs_dir / sim.run_id
     book = TestPredictions()
-    fitted = fitted_split(settings.run.cv_folds)  # with cross-validation every model learns from train + val
+    fitted = fitted_split(settings.cv_folds)  # with cross-validation every model learns from train + val
     classical = classical_model_results(sites, harmonize=True, holdouts=holdouts, book=book, fit_on=fitted)
     radiomics = tuple(classical["R (federated)"]["features"])
     sites = [s.with_radiomics(radiomics, "fast") for s in sites]
@@ -207,7 +218,7 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "archive_patients": {a.site_id: len(a) for a in archives},
         "train_patients": {s.site_id: int(len(split_rows(s.rows, fitted, s.seed))) for s in sites},
         "validation_patients": {s.site_id: int(len(s.split_indices["val"])) for s in sites},
-        "cv_folds": settings.run.cv_folds,
+        "cv_folds": settings.cv_folds,
         "models": {name: _model_row(m) for name, m in models.items()},
         "oracle": _model_row(oracle_figures([sim.data_dir, sim.data_dir.parent / "holdout"], sets)),
         "paired_delong": paired_delong_tests(book, reference),
@@ -225,7 +236,7 @@ def _seed_config(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     return {"holdout": settings.holdout_size(), "encoders": settings.encoder_list(),
             "pretrain_rounds": settings.pretrain_rounds, "archive": settings.archive,
             "sites": {p.site_id: p.n_patients for p in settings.sites},
-            "run": replace(settings.run, seed=seed).to_flwr()}
+            "run": replace(settings.model_options(), seed=seed).to_flwr()}
 
 
 def _figure(block: dict | None, *keys: str) -> float:
@@ -341,6 +352,7 @@ def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
     """Every seed (each seed's results kept: a rerun continues), then the table and plot; returns the folder."""
     seeds, holdout = settings.seed_list(), settings.holdout_size()
     settings.pretrained_encoders()
+    settings.model_options()
     device = select_device(settings.device)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("benchmark: seeds %s, %d held-out patients per hospital, encoders %s, on %s", seeds, holdout,
@@ -356,7 +368,8 @@ def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
         per_seed.append(benchmark_seed(settings, seed))
     summary = summarize(per_seed)
     out = {"seeds": seeds, "dev_seed": settings.dev_seed, "development_run": settings.dev,
-           "holdout_per_hospital": holdout, "device": device, "run": settings.run.to_flwr(), "summary": summary,
+           "holdout_per_hospital": holdout, "device": device, "run": settings.model_options().to_flwr(),
+           "summary": summary,
            "per_seed": per_seed}
     (settings.out_dir / "benchmark.json").write_text(json.dumps(out, indent=2, default=float))
     table = table_markdown(summary, seeds, holdout, settings.dev)

@@ -51,6 +51,24 @@ def test_pretraining_covers_the_cnn_and_vit_encoders_and_refuses_a_list_without_
         BenchmarkSettings(encoders="resnet10", pretrain_rounds=2).pretrained_encoders()
 
 
+def test_the_benchmark_cross_validates_by_default_and_passes_its_folds_to_every_model():
+    import argparse
+
+    from hccfed.common.errors import ConfigError
+    from hccfed.common.run_config import from_arguments
+    from hccfed_cli import _add_benchmark_arguments
+
+    assert BenchmarkSettings().model_options().cv_folds == 5
+    parser = argparse.ArgumentParser()
+    _add_benchmark_arguments(parser)
+    args = parser.parse_args(["--cv-folds", "3", "--rounds", "7"])
+    settings = from_arguments(args, BenchmarkSettings, run=from_arguments(args, RunConfig))
+    assert (settings.model_options().cv_folds, settings.model_options().num_server_rounds) == (3, 7)
+    assert BenchmarkSettings(cv_folds=0).model_options().cv_folds == 0
+    with pytest.raises(ConfigError, match="'cv-folds' must be 0"):
+        BenchmarkSettings(cv_folds=1).model_options()
+
+
 def test_paired_differences_combine_by_inverse_variance():
     tests = [{"diff": 0.04, "se": 0.02}, {"diff": -0.01, "se": 0.05}, {"diff": 0.02, "se": 0.01}]
     w = np.array([1 / 0.02**2, 1 / 0.05**2, 1 / 0.01**2])
@@ -82,7 +100,7 @@ def test_summary_spreads_over_seeds_and_skips_failed_figures():
 @pytest.mark.slow
 def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     settings = BenchmarkSettings(out_dir=tmp_path / "bench", cohorts_dir=tmp_path / "cohorts", seeds="5", holdout=HOLDOUT, workers=1,
-                                 sites=tiny_site_profiles, fov_mm=TINY_FOV_MM, pretrain_rounds=1, archive=4,
+                                 sites=tiny_site_profiles, fov_mm=TINY_FOV_MM, pretrain_rounds=1, archive=4, cv_folds=0,
                                  run=RunConfig(num_server_rounds=2, batch_size=4, encoder_width=4))
     out = run_benchmark(settings)
     result = json.loads((out / "benchmark.json").read_text())
@@ -122,8 +140,7 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     assert (out / "seed-5" / "benchmark-seed.json").stat().st_mtime_ns == kept
 
     # cross-validated (the same cohorts): through Flower, and every model learns from train + validation
-    cv = dataclasses.replace(settings, out_dir=tmp_path / "bench-cv", pretrain_rounds=0, archive=0,
-                             run=dataclasses.replace(settings.run, cv_folds=2))
+    cv = dataclasses.replace(settings, out_dir=tmp_path / "bench-cv", pretrain_rounds=0, archive=0, cv_folds=2)
     (seed,) = json.loads((run_benchmark(cv) / "benchmark.json").read_text())["per_seed"]
     models = seed["models"]
     assert seed["cv_folds"] == 2
