@@ -34,9 +34,10 @@ import numpy as np
 
 from hccfed.client.evaluation import clinical_summary
 from hccfed.client.radiomics import REGIONS, RadiomicsTable
-from hccfed.client.site_data import DEV, split_indices
+from hccfed.client.site_data import split_indices
 from hccfed.client.stats_site import StatsSite
 from hccfed.common.schema import PHASES
+from hccfed.common.splits import DEV
 from hccfed.common.stats import combat
 
 RADIOMIC_NAME = re.compile(rf"^({'|'.join(PHASES)})_({'|'.join(REGIONS)})_")

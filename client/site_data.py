@@ -25,12 +25,10 @@ import torch
 
 from hccfed.client.prepare import PreparedSite
 from hccfed.common.seeds import derive_seed
+from hccfed.common.splits import DEV, parse_cv_split
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.50, 0.15, 0.35)
-#: The development patients: the training and validation splits together (what cross-validation folds).
-DEV = "dev"
-_CV_PARTS = ("train", "val")
 
 
 @dataclass
@@ -87,32 +85,6 @@ def cv_folds(site, seed: int, folds: int) -> list[np.ndarray]:
             parts[(offset + i) % folds].append(np.atleast_1d(member))
         offset += len(members)
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
-
-
-def fitted_split(cv_folds: int) -> str:
-    """The patients a model learns from: the training split, or with cross-validation (``cv-folds`` >= 2)
-    every development patient; the references beside a run learn from the same."""
-    return DEV if cv_folds else "train"
-
-
-def cv_split_name(fold: int, folds: int, part: str) -> str:
-    """The split name of fold ``fold`` (1-based) of ``folds``: its ``part`` "train" (the other folds) or
-    "val" (the fold itself), as the server names it in its messages."""
-    if part not in _CV_PARTS or not 1 <= fold <= folds or folds < 2:
-        raise ValueError(f"no cross-validation split: fold {fold} of {folds}, part {part!r}")
-    return f"cv-{fold}-of-{folds}-{part}"
-
-
-def parse_cv_split(name: str) -> tuple[int, int, str] | None:
-    """(fold, folds, part) of a :func:`cv_split_name`, or None for any other name."""
-    bits = name.split("-")
-    if len(bits) != 5 or bits[0] != "cv" or bits[2] != "of" or bits[4] not in _CV_PARTS:
-        return None
-    try:
-        fold, folds = int(bits[1]), int(bits[3])
-    except ValueError:
-        return None
-    return (fold, folds, bits[4]) if 1 <= fold <= folds and folds >= 2 else None
 
 
 #: Every patient of a site: what an external (held-out) hospital tests a model on.

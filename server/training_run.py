@@ -44,10 +44,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from hccfed.client.site_data import DEV, cv_split_name
 from hccfed.common.atomic_io import atomic_write_text
 from hccfed.common.errors import ConfigError
 from hccfed.common.run_config import RunConfig
+from hccfed.common.splits import DEV, cv_split_name
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.audit import AuditingGrid

@@ -37,8 +37,9 @@ import numpy as np
 from scipy.stats import norm
 
 from hccfed.client.site import Site
-from hccfed.client.site_data import ALL, fitted_split, split_rows
+from hccfed.client.site_data import ALL, split_rows
 from hccfed.common.run_config import ENCODERS, RunConfig, option
+from hccfed.common.splits import fitted_split
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle_figures, paired_delong_tests

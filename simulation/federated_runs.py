@@ -14,8 +14,9 @@ import torch
 
 from hccfed.client.federated import model_for
 from hccfed.client.site import Site
-from hccfed.client.site_data import fitted_split, split_rows
+from hccfed.client.site_data import split_rows
 from hccfed.common.run_config import RunConfig
+from hccfed.common.splits import fitted_split
 from hccfed.server.federated_eval import score_table_arrays
 from hccfed.server.run_summary import bytes_sent_per_round, dp_spent_per_site
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test

@@ -17,11 +17,12 @@ import torch
 
 from hccfed.client.evaluation import evaluation_summary
 from hccfed.client.site import Site
-from hccfed.client.site_data import DEV, SplitData, cv_split_name, pooled_split
+from hccfed.client.site_data import SplitData, pooled_split
 from hccfed.client.training import TrainSettings, predict, train_local
 from hccfed.common.models.fusion import model_from_run_config
 from hccfed.common.models.pretrain import load_pretrained_encoder
 from hccfed.common.run_config import RunConfig
+from hccfed.common.splits import DEV, cv_split_name
 from hccfed.common.schema import IMAGE_CHANNELS, clinical_feature_names
 from hccfed.server.federated_eval import pooled_figures
 from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evaluate_on_test, evaluate_scores
@@ -151,8 +152,9 @@ def clinical_logistic_regression(sites: list[Site], sets: EvaluationSets,
         rows.append((site_id, data, score, score))
         if book is not None:
             book.add(name, site_id, data, score)
-    validation = [(site_id, data, *(2 * [model.decision_function(data.clinical.numpy())]))
-                  for site_id, data in getattr(sets, "validation", [])]
+    # Fitted on the validation split too ("dev"), it has no unseen patients for a threshold or a recalibration.
+    validation = [] if split == DEV else [(site_id, data, *(2 * [model.decision_function(data.clinical.numpy())]))
+                                          for site_id, data in getattr(sets, "validation", [])]
     return {**evaluate_scores(rows, validation), "train_patients": int(known.sum())}
 
 

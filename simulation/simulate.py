@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hccfed.client.site import Site
-from hccfed.client.site_data import fitted_split
+from hccfed.common.splits import fitted_split
 from hccfed.common.plan import derive_plan
 from hccfed.common.run_config import RunConfig
 from hccfed.common.site_config import load_site_config

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hccfed.client.site_data import (DEV, cv_folds, cv_split_name, fitted_split, parse_cv_split, split_indices,
-                                     split_rows)
+from hccfed.client.site_data import cv_folds, split_indices, split_rows
+from hccfed.common.splits import DEV, cv_split_name, fitted_split, parse_cv_split
 
 
 def _site(n: int, site_id: str = "hospital_x", seed: int = 0):

@@ -200,7 +200,8 @@ def test_the_plan_comes_from_the_sites_fingerprints_and_a_refusing_site_stops_th
 def _dev_patients(site_yamls, seed):
     """Each site's development patients (training + validation split), as the site counts them."""
     from hccfed.client.site import Site
-    from hccfed.client.site_data import DEV, split_rows
+    from hccfed.client.site_data import split_rows
+    from hccfed.common.splits import DEV
     from hccfed.common.site_config import load_site_config
 
     out = {}
