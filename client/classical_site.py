@@ -34,7 +34,7 @@ import numpy as np
 
 from hccfed.client.evaluation import clinical_summary
 from hccfed.client.radiomics import REGIONS, RadiomicsTable
-from hccfed.client.site_data import split_indices
+from hccfed.client.site_data import split_indices, split_rows
 from hccfed.client.stats_site import StatsSite
 from hccfed.common.schema import PHASES
 from hccfed.common.splits import DEV
@@ -81,8 +81,7 @@ def join_site(site, table: RadiomicsTable | None, seed: int, fit_on: str = "trai
     # Fitted on the training split only, like the deep models: the validation split is for choices
     # (a neural model's round, operating thresholds, recalibration), so every model learns from the
     # same patients; the classical models make their own choices by cross-validation within it.
-    fitted = splits["train"] if fit_on == "train" else np.concatenate([splits["train"], splits["val"]])
-    train = np.array([position[k] for k in fitted if k in position], dtype=int)
+    train = np.array([position[k] for k in split_rows(site, fit_on, seed) if k in position], dtype=int)
     test = np.array([position[k] for k in splits["test"] if k in position], dtype=int)
     return ClassicalSite(site.site_id, site.patient_ids[keep], names, x, site.labels[keep], site.times[keep],
                          site.events[keep], np.sort(train), np.sort(test))

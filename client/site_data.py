@@ -71,8 +71,7 @@ def cv_folds(site, seed: int, folds: int) -> list[np.ndarray]:
     privacy.min_cell_size then refuses to release its tables, which stops the run with that reason)."""
     if folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
-    splits = split_indices(site, seed)
-    dev = np.concatenate([splits["train"], splits["val"]])
+    dev = split_rows(site, DEV, seed)
     rng = np.random.default_rng(derive_seed(seed, site.site_id, "cv-folds", folds))
     parts: list[list[np.ndarray]] = [[] for _ in range(folds)]
     offset = 0

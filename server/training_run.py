@@ -185,6 +185,14 @@ def evaluate_round_on_sites(strategy: Strategy, grid: Any, server_round: int, ar
     return strategy.aggregate_evaluate(server_round, replies)
 
 
+def train_config_for(config: RunConfig, progress: RunProgress, plan: Any, split: str | None = None) -> ConfigRecord:
+    """What every training message carries; ``split``: the split the sites train on (None: "train")."""
+    record = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token, "plan": plan.to_json()})
+    if split is not None:
+        record["train-split"] = split
+    return record
+
+
 def evaluation_tables(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                       evaluation: PooledEvaluation) -> list[dict[str, np.ndarray]]:
     """Every site's evaluation summary of the split ``config`` names; a site that sent none (refused, failed or
@@ -212,14 +220,12 @@ def cross_validate(grid: Any, roster: Roster, audited: Any, config: RunConfig, p
     message round (k - 1) * rounds + r, so every local seed, ledger entry and audit line is distinct."""
     folds, rounds = config.cv_folds, config.num_server_rounds
     per_fold: list[list[list[dict[str, np.ndarray]]]] = []
+    per_fold_auc: list[list[float]] = []
     for fold in range(1, folds + 1):
         evaluation = PooledEvaluation()
         strategy = make_strategy(config, roster.minimum, evaluation)
         arrays = initial
-        train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
-                                     "plan": plan.to_json(), "train-split": cv_split_name(fold, folds, "train")})
-        if config.strategy == "fedprox":
-            train_config["proximal-mu"] = config.proximal_mu
+        train_config = train_config_for(config, progress, plan, cv_split_name(fold, folds, "train"))
         tables = []
         for r in range(1, rounds + 1):
             message_round = (fold - 1) * rounds + r
@@ -230,8 +236,9 @@ def cross_validate(grid: Any, roster: Roster, audited: Any, config: RunConfig, p
                 {"split": cv_split_name(fold, folds, "val"), "run-token": progress.run_token,
                  "model-round": message_round, "plan": plan.to_json()}), evaluation))
         per_fold.append(tables)
+        per_fold_auc.append([h.get("auc", float("nan")) for h in evaluation.history])  # pooled by the hook
         LOG.info("cv fold %d/%d: held-out fold AUC per round %s", fold, folds,
-                 " ".join(f"{pooled_figures(t).get('auc', np.nan):.3f}" for t in tables))
+                 " ".join(f"{auc:.3f}" for auc in per_fold_auc[-1]))
     history = [pooled_figures([s for tables in per_fold for s in tables[r]]) for r in range(rounds)]
     aucs = np.array([h.get("auc", np.nan) for h in history], dtype=float)
     if not np.isfinite(aucs).any():
@@ -241,7 +248,7 @@ def cross_validate(grid: Any, roster: Roster, audited: Any, config: RunConfig, p
     LOG.info("cross-validation: pooled out-of-fold AUC best at round %d (%.3f) of %d", best, aucs[best - 1], rounds)
     return {"folds": folds, "selected_round": best, "history": history,
             "score_table": pooled_score_table([s for tables in per_fold for s in tables[best - 1]]),
-            "per_fold_auc": [[pooled_figures(t).get("auc", float("nan")) for t in tables] for tables in per_fold]}
+            "per_fold_auc": per_fold_auc}
 
 
 def train_final(grid: Any, roster: Roster, audited: Any, config: RunConfig, plan: Any, initial: ArrayRecord,
@@ -251,10 +258,7 @@ def train_final(grid: Any, roster: Roster, audited: Any, config: RunConfig, plan
     rounds (no validation split is left to evaluate on); each round checkpointed under its own number."""
     evaluation = PooledEvaluation()
     strategy = make_strategy(config, roster.minimum, evaluation)
-    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
-                                 "plan": plan.to_json(), "train-split": DEV})
-    if config.strategy == "fedprox":
-        train_config["proximal-mu"] = config.proximal_mu
+    train_config = train_config_for(config, progress, plan, DEV)
     arrays = initial
     for r in range(1, rounds + 1):
         LOG.info("[FINAL ROUND %d/%d] on every development patient", r, rounds)
@@ -346,8 +350,7 @@ def run_federated_training(grid: Any, run_config_raw: Mapping[str, Any], run_id:
         progress = RunProgress(**checkpoint["progress"])
         evaluation.history = list(progress.validation_history)
         LOG.info("resuming %s after round %d", run_dir, checkpoint["round"])
-    train_config = ConfigRecord({"lr": config.learning_rate, "run-token": progress.run_token,
-                                 "plan": plan.to_json()})
+    train_config = train_config_for(config, progress, plan)
     aggregator = (SecureAggregator(n_sites, reconstruction_threshold=config.secagg_reconstruction_threshold)
                   if config.secagg else None)
     if aggregator is not None and config.strategy == "fedprox":

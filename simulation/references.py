@@ -30,16 +30,6 @@ from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, evalua
 log = logging.getLogger("hccfed.simulate")
 
 
-def _validation_auc(model: torch.nn.Module, sites: list[Site]) -> float:
-    summaries = []
-    for site in sites:
-        data = site.split("val")
-        logits, risks = predict(model, data)
-        summaries.append(evaluation_summary(logits, risks, data.labels.numpy(), data.times.numpy(),
-                                            data.events.numpy()))
-    return pooled_figures(summaries).get("auc", float("nan"))
-
-
 def _steps(model: torch.nn.Module, data, run: RunConfig, steps: int, after_step=None) -> None:
     """``steps`` steps of ``local_epochs`` epochs on ``data`` (a fresh optimizer each, as a site gets each
     round); ``after_step(step)`` after each."""
@@ -107,10 +97,11 @@ def train_reference(name: str, sites_for_training: list[Site], sets: EvaluationS
     else:
         model = new_model()
         data = pooled_split([site.split("train") for site in sites_for_training])
+        validation = [site.split("val") for site in sites_for_training]
         best = {"auc": -np.inf, "step": 0, "state": None}
 
         def keep_best(step: int) -> None:
-            auc = _validation_auc(model, sites_for_training)
+            auc = pooled_figures(_summaries(model, validation)).get("auc", float("nan"))
             if best["state"] is None or auc > best["auc"]:
                 best.update(auc=auc if np.isfinite(auc) else best["auc"], step=step,
                             state={k: v.detach().clone() for k, v in model.state_dict().items()})
