@@ -7,8 +7,9 @@
                                                      a hospital's readiness before it joins (exit 1: a check failed)
     hccfed simulate  [--rounds N] [--seed N] ...     the main job: synth, prepare, federate, report
                      [--external SITE]               ... leave SITE out of training and test on all of it
-    hccfed pretrain  [--encoder cnn|vit] [--pretrain-rounds N] [--archive N]  federated self-supervised
-                                                     pretraining (cnn: masked autoencoder; vit: DINO + registers)
+    hccfed pretrain  [--encoder cnn|vit] [--pretrain-rounds N] [--archive N] [--flower]  federated self-
+                                                     supervised pretraining (cnn: masked autoencoder; vit: DINO +
+                                                     registers), in process or as the ServerApp's pretrain job
     hccfed benchmark [--quick] [--seeds 1,2,3,4] [--holdout N] [--encoders cnn,vit] [--device cuda]
                                                      rank the models on large held-out cohorts over seeds
     hccfed site-summary --predictions preds.csv --out site.json [--site-id X] [--pooled round2/X.json]
@@ -176,7 +177,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from hccfed.simulation.settings import SimulationSettings
 
     settings = from_arguments(args, SimulationSettings, run=from_arguments(args, RunConfig))
-    out = pretrain_demo(settings, args.pretrain_rounds, args.archive, Path(args.out) if args.out else None)
+    out = pretrain_demo(settings, args.pretrain_rounds, args.archive, Path(args.out) if args.out else None,
+                        flower=args.flower)
     print(f"pretrained encoder: {out['path']}\nfine-tune from it: hccfed simulate --pretrained-encoder {out['path']}")
     return 0
 
@@ -295,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--archive", type=int, default=0, help="unlabelled scans per hospital in its archive, "
                           "pretrained on beside the training split (default: 0)")
     pretrain.add_argument("--out", help="the encoder file (default: <runs>/pretrain/encoder.pt)")
+    pretrain.add_argument("--flower", action="store_true", help="run the ServerApp's pretrain job over Flower "
+                          "(one SuperNode per hospital, as deployed) instead of in process; the encoder goes to "
+                          "<runs>/pretrain-flower-<time>/job/encoder.pt (and --out)")
     _add_simulate_arguments(pretrain)
     pretrain.set_defaults(func=_pretrain)
     benchmark = sub.add_parser("benchmark", help="rank the models: several cohort seeds, each hospital's large "

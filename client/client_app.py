@@ -47,16 +47,21 @@ def _site(context: Context, config: ConfigRecord | None = None) -> tuple[Site, R
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split; reply with weights and metrics.
+    A ``pretrain`` job's message (config "task" = "pretrain") trains its self-supervised model on the
+    split's scans instead (client/pretraining.py).
 
     The messages of a SecAgg+ round go to the SecAgg+ client (client/secagg_client.py).
     """
     if is_secagg_message(msg):
         return secagg_app(msg, context)
-    from hccfed.client.federated import train_round
+    if msg.content["config"].get("task") == "pretrain":  # a pretrain job's round: the scans only
+        from hccfed.client.pretraining import pretrain_round as local_round
+    else:
+        from hccfed.client.federated import train_round as local_round
 
     site, run_config = _site(context, msg.content["config"])
     try:
-        state, metrics = train_round(site, msg.content["arrays"].to_torch_state_dict(),
+        state, metrics = local_round(site, msg.content["arrays"].to_torch_state_dict(),
                                      dict(msg.content["config"]), run_config)
     except PolicyRefusal as err:  # beyond this site's privacy policy: nothing leaves but the reason
         return refusal_reply(msg, site.site_id, str(err))

@@ -23,7 +23,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 AUGMENTATIONS = ("flip-shift", "affine", "none")
 FUSION_HEADS = ("mlp", "wide")  # common.models.fusion's head: an MLP, or an MLP plus a linear term (wide and deep)
 TABULAR_NORMS = ("layer", "none")  # how common.models.fusion's head takes the radiomics and clinical vectors
-JOBS = ("train", "stats", "stats-combat")
+JOBS = ("train", "stats", "stats-combat", "pretrain")
 RADIOMICS_PARAMS = ("fast", "full")  # or a path to a pyradiomics parameter file
 NORMALISATIONS = ("zscore_ring", "zscore_box")
 RECALIBRATIONS = ("platt", "isotonic", "none")
@@ -129,8 +129,10 @@ class RunConfig:
         "below 1 the round completes when sites drop out (3 sites: one may drop)", group="federation",
         positive=True)
     resume: bool = option(False, "continue an interrupted run from its last checkpoint", group="federation")
-    job: str = option("train", "what the ServerApp runs: federated training, or the classical CR / R / RCR "
-                      "models by federated statistics (stats-combat: radiomics harmonised by ComBat first)",
+    job: str = option("train", "what the ServerApp runs: federated training, the classical CR / R / RCR "
+                      "models by federated statistics (stats-combat: radiomics harmonised by ComBat first), or "
+                      "federated self-supervised pretraining of the encoder (pretrain: num-server-rounds rounds, "
+                      "writes run-dir/encoder.pt for pretrained-encoder)",
                       choices=JOBS, cli=False)
     recalibration: str = option("platt", "test risks recalibrated on the pooled validation tables (reported "
                                 "beside the raw figures): platt, isotonic or none", choices=RECALIBRATIONS)

@@ -114,7 +114,8 @@ _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
 
 
 def _shows_progress(line: str) -> bool:
-    return (any(k in line for k in ("[ROUND", "failures", "ERROR", "Traceback", "rejected"))
+    return (any(k in line for k in ("[ROUND", "[PRETRAIN ROUND", "pretraining round", "failures", "ERROR",
+                                    "Traceback", "rejected"))
             and not _DUPLICATE.match(line))
 
 

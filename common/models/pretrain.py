@@ -33,6 +33,9 @@ alike; each site's teacher follows its own student between averagings.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -187,6 +190,42 @@ class DinoViT3d(nn.Module):
 
     def pretrained_encoder(self) -> nn.Module:
         return self.teacher_encoder
+
+
+#: The local optimiser's learning rate of a pretraining round (in process and over Flower alike).
+PRETRAIN_LEARNING_RATE = 1e-3
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> OrderedDict:
+    """FedAvg of state dicts, in the order given: each entry the weighted mean of the sites' entries,
+    summed in float64 and cast back to the entry's dtype (the in-process and the Flower pretraining use
+    this one function, so that the same replies in the same order give the same weights bit for bit)."""
+    if not states or len(states) != len(weights):
+        raise ValueError(f"weighted_average: {len(states)} states and {len(weights)} weights")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weighted_average: the weights must sum to more than 0, got {list(weights)}")
+    return OrderedDict((k, sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype))
+                       for k in states[0])
+
+
+def encoder_meta(run, rounds: int, scans: Mapping[str, int], seconds: float) -> dict:
+    """What an encoder file says of itself: the encoder (kind, width, ViT shape), objective, rounds, seed
+    and each site's number of scans."""
+    return {"encoder": run.encoder, "width": run.encoder_width, "objective": PRETRAINING_OBJECTIVES[run.encoder],
+            **({"vit_patch_size": run.vit_patch_size, "vit_depth": run.vit_depth, "vit_heads": run.vit_heads,
+                "vit_registers": run.vit_registers} if run.encoder == "vit" else {}),
+            "rounds": int(rounds), "seed": run.seed, "scans": {s: int(n) for s, n in scans.items()},
+            "seconds": float(seconds)}
+
+
+def save_encoder(model: nn.Module, meta: dict, out) -> None:
+    """The file ``--pretrained-encoder`` reads: {"encoder": the kept encoder's state, "meta": meta}."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"encoder": model.pretrained_encoder().state_dict(), "meta": meta}, tmp)
+    tmp.replace(out)
 
 
 PRETRAINING_OBJECTIVES = {"cnn": "masked autoencoder (FCMAE)", "vit": "DINO self-distillation with register tokens"}

@@ -9,9 +9,10 @@ import torch
 from hccfed.client.pretraining import pretrain_local
 from hccfed.client.training import TrainSettings
 from hccfed.common.models.fusion import build_model
-from hccfed.common.models.pretrain import DinoViT3d, MaskedAutoencoder3d, load_pretrained_encoder, pretraining_model
+from hccfed.common.models.pretrain import DinoViT3d, MaskedAutoencoder3d, load_pretrained_encoder, pretraining_model, \
+    weighted_average
 from hccfed.common.run_config import RunConfig
-from hccfed.simulation.pretraining import federated_pretraining, weighted_average
+from hccfed.simulation.pretraining import federated_pretraining
 
 
 def _scans(n, seed=0, size=16):

@@ -25,7 +25,7 @@ def test_parses_flower_values_and_rejects_typos():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"job": "stat"}, r"'job' must be one of \['train', 'stats', 'stats-combat'\], got 'stat'"),
+    ({"job": "stat"}, r"'job' must be one of \['train', 'stats', 'stats-combat', 'pretrain'\], got 'stat'"),
     ({"encoder": "unet"}, r"'encoder' must be one of \['cnn', 'resnet10', 'vit', 'none'\]"),
     ({"recalibration": "beta"}, r"'recalibration' must be one of \['platt', 'isotonic', 'none'\], got 'beta'"),
     ({"batch-size": 0}, r"'batch-size' must be >= 1, got 0"),

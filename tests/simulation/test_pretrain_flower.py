@@ -1,0 +1,43 @@
+"""`hccfed pretrain --flower`: the ServerApp's pretrain job on a real local SuperLink (one SuperNode per
+tiny hospital) writes the encoder the in-process `hccfed pretrain` writes for the same hospitals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hccfed.common.run_config import RunConfig
+from hccfed.simulation.pretraining import pretrain_demo
+from hccfed.simulation.settings import SimulationSettings
+
+pytestmark = pytest.mark.slow  # one real Flower run, about a minute on 2 cores
+
+
+def test_the_pretrain_job_over_flower_equals_the_in_process_pretraining(tiny_cohort, tiny_site_profiles, tmp_path):
+    data_dir, _ = tiny_cohort
+
+    def settings(run_id):
+        return SimulationSettings(data_dir=data_dir, runs_dir=tmp_path / "runs", cache_dir=tmp_path / run_id,
+                                  run=RunConfig(seed=7, batch_size=4, encoder_width=4), sites=tiny_site_profiles,
+                                  run_id=run_id, workers=1)
+
+    over_flower = pretrain_demo(settings("flower"), rounds=2, out=tmp_path / "flower.pt", flower=True)
+    in_process = pretrain_demo(settings("process"), rounds=2, out=tmp_path / "process.pt")
+    assert over_flower["path"] == str(tmp_path / "flower.pt")
+    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("flower", "process"))
+    assert a["encoder"].keys() == b["encoder"].keys()
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in b["encoder"])
+    assert a["meta"]["scans"] == b["meta"]["scans"] and len(a["meta"]["scans"]) == len(tiny_site_profiles)
+    job = tmp_path / "runs" / "flower" / "job"
+    written = json.loads((job / "pretrain.json").read_text())
+    assert [sorted(h["loss"]) for h in written["history"]] == [sorted(a["meta"]["scans"])] * 2
+    assert (job / "messages_audit.jsonl").exists() and (job / "encoder.pt").exists()
+
+
+def test_the_archive_is_refused_over_flower(tmp_path):
+    with pytest.raises(ValueError, match="--archive.*in process only"):
+        pretrain_demo(SimulationSettings(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs"), rounds=1,
+                      archive=10, flower=True)
+    assert not (tmp_path / "data").exists()
