@@ -88,7 +88,7 @@ def _print_issues(report, limit: int = 20) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hccfed.client.prepare import prepare_site
+    from hccfed.client.prepare import prepare_scans, prepare_site, without_labelled
     from hccfed.common.site_config import load_site_config
 
     def run() -> int:
@@ -99,6 +99,14 @@ def _prepare(args: argparse.Namespace) -> int:
             _print_issues(site.qc)
         print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}; "
               f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
+        archive = config.archive_site()
+        if archive is not None:  # the scans without outcomes, for pretraining: the labelled patients' left out
+            scans = without_labelled(prepare_scans(archive, workers=args.workers), site, archive.manifest)
+            scans.qc.write(archive.cache_dir)
+            print(scans.qc.summary())
+            _print_issues(scans.qc)
+            print(f"{config.site_id} archive: {len(scans)} scans prepared for pretraining; QC report "
+                  f"{archive.cache_dir / 'qc_report.csv'} (and .json)")
         return EXIT_OK
 
     return _site_command("prepare", run)
@@ -120,7 +128,18 @@ def _validate(args: argparse.Namespace) -> int:
         if report_dir is not None:
             csv_path, _ = report.write(report_dir)
             print(f"report: {csv_path} (and .json)")
-        return EXIT_EXCLUDED if report.excluded else EXIT_OK
+        excluded = bool(report.excluded)
+        archive = config.archive_site()
+        if archive is not None:
+            scans = validate_site(archive, workers=args.workers, progress=True, scans_only=True)
+            print(f"archive ({archive.manifest}): " + scans.summary(verb="pass every check"))
+            print(scans.reason_table())
+            _print_issues(scans, args.show)
+            if report_dir is not None:
+                csv_path, _ = scans.write(report_dir / "archive")
+                print(f"archive report: {csv_path} (and .json)")
+            excluded = excluded or bool(scans.excluded)
+        return EXIT_EXCLUDED if excluded else EXIT_OK
 
     return _site_command("validate", run)
 

@@ -124,14 +124,21 @@ def _read_records(config: SiteConfig) -> tuple[list[str], list[tuple[int, list[s
     return [h.strip() for h in header], records
 
 
-def _required_columns(config: SiteConfig, images: bool = True) -> list[str]:
+def _image_columns(config: SiteConfig) -> list[str]:
+    return [config.phase_columns[p] for p in config.phase_columns] + [config.mask_column]
+
+
+def _required_columns(config: SiteConfig, images: bool = True, scans_only: bool = False) -> list[str]:
+    if scans_only:
+        return ["patient_id"] + _image_columns(config)
     return (["patient_id"] + list(CLINICAL_COLUMNS) + list(LABS) + list(OUTCOME_COLUMNS)
-            + ([config.phase_columns[p] for p in config.phase_columns] + [config.mask_column] if images else []))
+            + (_image_columns(config) if images else []))
 
 
 def _check_header(path: Path, header: list[str], config: SiteConfig,
-                  records: list[tuple[int, list[str]]], images: bool = True) -> list[str]:
-    """The ignored columns; raises for a header that would make a value be read wrongly."""
+                  records: list[tuple[int, list[str]]], images: bool = True, scans_only: bool = False) -> list[str]:
+    """The ignored columns; raises for a header that would make a value be read wrongly. With
+    ``scans_only`` every column but the id, phases and mask is ignored (no lab is read, so no unit)."""
     if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
         raise ManifestError(path, [f"line 1: the header is one column ({header[0][:60]!r}...): the file is not "
                                    "comma-separated; export it with ',' as the delimiter"])
@@ -142,15 +149,17 @@ def _check_header(path: Path, header: list[str], config: SiteConfig,
     named = [h for h in header if h]
     for name in sorted({h for h in named if named.count(h) > 1}):
         problems.append(f"line 1: column '{name}' appears {named.count(name)} times; keep one")
-    required = _required_columns(config, images)
+    required = _required_columns(config, images, scans_only)
     known = set(_required_columns(config)) | {unit_column(lab) for lab in LABS}
+    if scans_only:
+        known = set(required)
     for name in required:
         if name not in named:
             close = difflib.get_close_matches(name, [h for h in named if h not in known], n=1, cutoff=0.75)
             close += [h for h in named if h.casefold() == name.casefold() and h not in close]
             problems.append(f"missing column '{name}'" + (f" (is '{close[0]}' meant?)" if close else ""))
     ignored = [h for h in named if h not in known]
-    for name in ignored:  # a unit column that would be ignored leaves the lab in the site's unit: refuse
+    for name in ignored if not scans_only else ():  # an ignored unit column leaves a lab in the site's unit: refuse
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
         if re.search(r"(^|[_\s.-])units?($|[_\s.-])", name.casefold()) or close:
             target = close[0] if close else f"<lab>_unit, one of {[unit_column(lab) for lab in LABS]}"
@@ -215,8 +224,9 @@ def _patient_ids(header: list[str], records, rows: _Rows) -> dict[int, str]:
 
 
 def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids: dict[int, str],
-                images: bool = True):
-    """Per kept row: {column: value} and the resolved paths; every refused cell is an issue."""
+                images: bool = True, scans_only: bool = False):
+    """Per kept row: {column: value} and the resolved paths; every refused cell is an issue. With
+    ``scans_only`` the id and the paths only."""
     at = {name: i for i, name in enumerate(header) if name}
     values: dict[int, dict] = {}
     paths: dict[int, dict[str, Path]] = {}
@@ -225,14 +235,14 @@ def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids
         if line not in ids:
             continue
         pid, row = ids[line], {"patient_id": ids[line]}
-        rules = [FIELD_RULES[c] for c in CLINICAL_COLUMNS] + [FIELD_RULES[c] for c in OUTCOME_COLUMNS]
+        rules = [] if scans_only else [FIELD_RULES[c] for c in (*CLINICAL_COLUMNS, *OUTCOME_COLUMNS)]
         for rule in rules:
             cell = check_cell(rule, cells[at[rule.column]])
             if cell.problem:
                 rows.add(line, pid, rule.column, cell.problem)
             rows.note(line, pid, rule.column, cell)
             row[rule.column] = cell.value
-        for lab in LABS:
+        for lab in LABS if not scans_only else ():
             cell = check_cell(FieldRule(lab, "number"), cells[at[lab]])  # its range: in canonical units, below
             raw_unit = cells[at[unit_column(lab)]] if unit_column(lab) in at else None
             unit = config.labs[lab].unit if is_missing(raw_unit) else raw_unit.strip()
@@ -258,22 +268,32 @@ def _parse_rows(config: SiteConfig, header: list[str], records, rows: _Rows, ids
     return values, paths
 
 
-def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True) -> Manifest:
+def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True, scans_only: bool = False
+                  ) -> Manifest:
     """Read ``config.manifest`` and check every row.
 
     ``strict``: raise ManifestError listing all problems. Otherwise the rows
     with problems are left out and listed in ``Manifest.issues``.
     ``images=False``: the clinical and outcome columns only (for clinical models): the image and
     mask columns are neither required nor checked, and the paths come back empty.
+    ``scans_only``: a manifest of scans without outcomes (a site's archive, for self-supervised
+    pretraining): the id, phase and mask columns only are required and read; any other column (labs,
+    outcomes) is ignored, never read, and listed in ``ignored_columns``; the table holds the ids only.
     """
     header, records = _read_records(config)
-    ignored = _check_header(config.manifest, header, config, records, images)
+    ignored = _check_header(config.manifest, header, config, records, images, scans_only)
     rows = _Rows(config.manifest)
     ids = _patient_ids(header, records, rows)
-    values, paths = _parse_rows(config, header, records, rows, ids, images)
+    values, paths = _parse_rows(config, header, records, rows, ids, images, scans_only)
     if strict and rows.excluded:
         raise ManifestError(config.manifest, [i.message for i in rows.issues if i.severity == "excluded"])
     kept = [line for line, _ in records if line in values and line not in rows.excluded]
+    if scans_only:
+        table = pd.DataFrame({"patient_id": [values[line]["patient_id"] for line in kept]}, dtype=object)
+        return Manifest(config.site_id, table.set_index("patient_id", drop=False),
+                        {p: [paths[line][p] for line in kept] for p in config.phase_columns},
+                        [paths[line]["mask"] for line in kept], tuple(rows.issues),
+                        {ids[line]: line for line in kept}, tuple(ignored), config.manifest)
     columns = ["patient_id", *CLINICAL_COLUMNS, *LABS, *(unit_column(lab) for lab in LABS), *OUTCOME_COLUMNS]
     table = pd.DataFrame([values[line] for line in kept], columns=columns)
     for column, kind in CLINICAL_COLUMNS.items():

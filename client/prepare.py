@@ -24,6 +24,7 @@ outside the data folder (checked); the data folder is only ever read.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,8 @@ from hccfed.client.site_validation import content_duplicates, patient_jobs, run_
 from hccfed.common.site_config import Preprocessing, SiteConfig
 from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
-__all__ = ["PREPARE_VERSION", "PatientJob", "PreparationError", "PreparedSite", "patient_jobs", "patient_key",
-           "prepare_patient", "prepare_site", "prepared_cache_file"]
+__all__ = ["PREPARE_VERSION", "PatientJob", "PreparationError", "PreparedScans", "PreparedSite", "patient_jobs",
+           "patient_key", "prepare_patient", "prepare_scans", "prepare_site", "prepared_cache_file"]
 
 
 class PreparationError(RuntimeError):
@@ -75,6 +76,20 @@ class PreparedSite:
     lab_categories: np.ndarray
     qc: QCReport | None = field(default=None, repr=False, compare=False)
     radiomics: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+
+@dataclass
+class PreparedScans:
+    """A site's archive prepared for self-supervised pretraining (:func:`prepare_scans`): the cubes only,
+    no lab, no outcome. ``images`` as :class:`PreparedSite`'s, in the archive manifest's order."""
+
+    site_id: str
+    patient_ids: np.ndarray
+    images: np.ndarray
+    qc: QCReport | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -217,27 +232,21 @@ def prepared_cache_file(config: SiteConfig, jobs: list[PatientJob], keys: list[s
     return config.cache_dir / f"prepared-{key}.npz"
 
 
-def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedSite:
-    """Prepare (or load from cache) every patient of a site that passes QC.
+def _cached(config: SiteConfig, cache_file: Path, factory):
+    """The assembled site cached at ``cache_file`` (its QC report written again), or None."""
+    if not cache_file.exists():
+        return None
+    site = load_site(cache_file, factory)
+    if site is not None and site.qc is not None:
+        site.qc.write(config.cache_dir)
+    return site
 
-    ``workers`` processes prepare patients in parallel (default: all cores).
-    The returned site's ``qc`` is the QC report, also written to
-    ``config.cache_dir / "qc_report.{csv,json}"``. Raises ConfigError or
-    ManifestError, before any work, when the configuration or the manifest as a
-    whole is unusable (or the cache would lie in the data folder), and
-    PreparationError when no patient passes QC.
-    """
-    screening = screen_site(config)
+
+def _prepare_screened(config: SiteConfig, screening, keys: list[str], workers: int | None, progress: bool,
+                      what: str) -> tuple[list[str], dict[str, PatientResult], QCReport]:
+    """Prepare (or load per patient from the cache) every screened patient; (the ids prepared, in
+    manifest order, each patient's result, the QC report written to ``config.cache_dir``)."""
     jobs = screening.jobs
-    keys = [patient_key(job) for job in jobs]
-    cache_file = prepared_cache_file(config, jobs, keys)
-    if cache_file.exists():
-        site = load_site(cache_file, PreparedSite)
-        if site is not None:
-            if site.qc is not None:
-                site.qc.write(config.cache_dir)
-            return site
-
     results: dict[str, PatientResult] = {}
     todo = []
     for job, key in zip(jobs, keys):
@@ -246,7 +255,7 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
             results[job.patient_id] = cached
         else:
             todo.append((job, key))
-    with tqdm(total=len(todo), desc=f"prepare {config.site_id}", unit="patient", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=f"prepare {what}", unit="patient", disable=not progress) as bar:
         fresh = run_parallel(_prepare_one, [job for job, _ in todo], workers, bar)
     for (job, key), result in zip(todo, fresh):
         save_patient(patient_entry(config, job.patient_id, key), result)
@@ -261,8 +270,28 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
     report.write(config.cache_dir)
     if not prepared:
         raise PreparationError(
-            f"site {config.site_id}: no patient could be prepared ({len(report.excluded)} excluded); "
+            f"site {what}: no patient could be prepared ({len(report.excluded)} excluded); "
             f"see the QC report {config.cache_dir / 'qc_report.csv'}")
+    return prepared, results, report
+
+
+def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedSite:
+    """Prepare (or load from cache) every patient of a site that passes QC.
+
+    ``workers`` processes prepare patients in parallel (default: all cores).
+    The returned site's ``qc`` is the QC report, also written to
+    ``config.cache_dir / "qc_report.{csv,json}"``. Raises ConfigError or
+    ManifestError, before any work, when the configuration or the manifest as a
+    whole is unusable (or the cache would lie in the data folder), and
+    PreparationError when no patient passes QC.
+    """
+    screening = screen_site(config)
+    keys = [patient_key(job) for job in screening.jobs]
+    cache_file = prepared_cache_file(config, screening.jobs, keys)
+    site = _cached(config, cache_file, PreparedSite)
+    if site is not None:
+        return site
+    prepared, results, report = _prepare_screened(config, screening, keys, workers, progress, config.site_id)
     table = screening.table.loc[prepared]
     lab_table = harmonize_labs(table, config)
     times = table["time_months"].to_numpy(dtype=float)
@@ -281,3 +310,55 @@ def prepare_site(config: SiteConfig, workers: int | None = None, progress: bool 
     )
     save_site(cache_file, site)
     return site
+
+
+def prepare_scans(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedScans:
+    """Prepare (or load from cache) every scan of a scans-only manifest (a site's archive:
+    :meth:`SiteConfig.archive_site`) that passes QC, as :func:`prepare_site` prepares a patient's
+    volumes (the same checks, preprocessing and per-patient cache); no lab or outcome is read. The QC
+    report goes to ``config.cache_dir``. Raises as :func:`prepare_site` does."""
+    screening = screen_site(config, scans_only=True)
+    keys = [patient_key(job) for job in screening.jobs]
+    cache_file = prepared_cache_file(config, screening.jobs, keys)
+    scans = _cached(config, cache_file, PreparedScans)
+    if scans is not None:
+        return scans
+    what = f"{config.site_id} archive"
+    prepared, results, report = _prepare_screened(config, screening, keys, workers, progress, what)
+    scans = PreparedScans(config.site_id, np.array(prepared), np.stack([results[pid].cube for pid in prepared]),
+                          qc=report)
+    save_site(cache_file, scans)
+    return scans
+
+
+def without_labelled(scans: PreparedScans, labelled: PreparedSite, manifest: Path | None = None) -> PreparedScans:
+    """The archive's scans less those of the labelled cohort's prepared patients: an archive row with a
+    labelled patient's id (compared without surrounding spaces and letter case), or whose prepared cube
+    is a labelled patient's, voxel for voxel (the same files exported under another id). Pretraining on
+    them would let a validation or test patient's scan into the encoder. Each is a QC entry of the
+    archive's report (``scans.qc``, which the caller writes again). A second scan of a labelled patient
+    under another id, from another day, is not found: the archive's export should leave them out."""
+    from hccfed.client.validation import normalised_id
+
+    ids = {normalised_id(str(p)): str(p) for p in labelled.patient_ids}
+    cubes = {hashlib.sha256(np.ascontiguousarray(c).tobytes()).hexdigest(): str(p)
+             for p, c in zip(labelled.patient_ids, labelled.images)}
+    keep, issues = [], []
+    for i, pid in enumerate(str(p) for p in scans.patient_ids):
+        twin = ids.get(normalised_id(pid))
+        how = "has the id of"
+        if twin is None:
+            twin = cubes.get(hashlib.sha256(np.ascontiguousarray(scans.images[i]).tobytes()).hexdigest())
+            how = "holds the same prepared volume as"
+        if twin is None:
+            keep.append(i)
+            continue
+        issues.append(patient_issue(pid, "in_labelled_cohort", "patient_id", manifest or "", (
+            f"{how} labelled patient {twin} of {labelled.site_id}: left out of the archive, so no scan of a "
+            "labelled (validation or test) patient reaches the pretraining; remove it from the archive's export")))
+    if not keep:
+        raise PreparationError(f"site {scans.site_id} archive: every scan is a labelled patient's "
+                               f"({len(issues)}); the archive lists the scans without outcomes")
+    qc = None if scans.qc is None else QCReport(scans.qc.site_id, [str(scans.patient_ids[i]) for i in keep],
+                                               [*scans.qc.issues, *issues])
+    return PreparedScans(scans.site_id, scans.patient_ids[keep], scans.images[keep], qc=qc)

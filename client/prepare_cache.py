@@ -100,11 +100,13 @@ def load_patient_entry(path: Path, patient_id: str) -> PatientResult | None:
 
 
 def save_site(path: Path, site) -> None:
-    """Write a PreparedSite's arrays (and its QC report beside them)."""
+    """Write a PreparedSite's (or PreparedScans') arrays (and its QC report beside them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     arrays = {k: v for k, v in vars(site).items() if isinstance(v, np.ndarray)}
-    np.savez(tmp, clinical_names=np.array(site.clinical_names), site_id=np.array(site.site_id), **arrays)
+    if hasattr(site, "clinical_names"):  # a PreparedScans has none
+        arrays["clinical_names"] = np.array(site.clinical_names)
+    np.savez(tmp, site_id=np.array(site.site_id), **arrays)
     os.replace(tmp, path)
     if site.qc is not None:
         qc_path = _qc_path(path)
@@ -114,12 +116,14 @@ def save_site(path: Path, site) -> None:
 
 
 def load_site(path: Path, factory):
-    """The PreparedSite (built by ``factory(**fields)``) saved at ``path``, or None when unreadable."""
+    """The PreparedSite or PreparedScans (built by ``factory(**fields)``) saved at ``path``, or None when
+    unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             fields = {k: data[k] for k in data.files}
-        site = factory(site_id=str(fields.pop("site_id")),
-                       clinical_names=[str(n) for n in fields.pop("clinical_names")], **fields)
+        if "clinical_names" in fields:
+            fields["clinical_names"] = [str(n) for n in fields["clinical_names"]]
+        site = factory(site_id=str(fields.pop("site_id")), **fields)
         qc_path = _qc_path(path)
         if qc_path.exists():
             site.qc = QCReport.from_dict(json.loads(qc_path.read_text()))

@@ -2,7 +2,8 @@
 the ViT's DINO self-distillation) trained on its own scans.
 
 Only the scans are read (no label, no outcome, no lab), so a hospital can pretrain on every scan it
-holds, labelled or not; what leaves the site is the model's weights, as in a training round.
+holds, labelled or not (its training split's, and its archive's: the YAML's ``archive:`` section);
+what leaves the site is the model's weights, as in a training round.
 :func:`pretrain_round` is the ClientApp's handler of a ``pretrain`` job's message (server/pretrain_job.py);
 the in-process protocol (simulation/pretraining.py) calls :func:`pretrain_local` with the same
 :func:`pretrain_settings`, so both give the same weights.
@@ -61,7 +62,8 @@ def pretrain_settings(run: RunConfig, server_round: int, site_id: str,
 def pretrain_round(site, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                    run_config: RunConfig) -> tuple[OrderedDict, dict[str, float]]:
     """One round of a ``pretrain`` job at this site: the received self-supervised model trained on the
-    scans of the site's training split (images only); returns its weights and {"num-examples", "loss"}.
+    scans of the site's training split and of its archive, when its YAML has one (images only:
+    :meth:`hccfed.client.site.Site.pretraining_images`); returns its weights and {"num-examples", "loss"}.
 
     The site's privacy policy decides first: a site that trains only under DP-SGD refuses (pretraining
     has no DP variant), and each release is written to its ledger before it leaves. The exact mean loss
@@ -74,7 +76,7 @@ def pretrain_round(site, state: Mapping[str, torch.Tensor], config: Mapping[str,
     model.load_state_dict(OrderedDict(state))
     settings = pretrain_settings(run_config, server_round, site.site_id,
                                  float(config.get("lr", PRETRAIN_LEARNING_RATE)))
-    metrics = pretrain_local(model, site.split("train").images, settings, detect_device())
+    metrics = pretrain_local(model, site.pretraining_images(), settings, detect_device())
     new_state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     ledger, run_token = PrivacyLedger(site.config.cache_dir), str(config.get("run-token", ""))
     ledger.record(policy, run_token, server_round, "model-update (self-supervised pretraining, scans only)", "none")

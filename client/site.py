@@ -32,13 +32,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from hccfed.client.prepare import PreparedSite, prepare_site
+from hccfed.client.prepare import PreparedScans, PreparedSite, prepare_site
 from hccfed.client.site_data import SplitData, site_split, split_indices
 from hccfed.common.atomic_io import atomic_savez
 from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
-from hccfed.common.site_config import SiteConfig, load_site_config
+from hccfed.common.site_config import ArchiveConfig, SiteConfig, load_site_config
 from hccfed.client.site_yaml import site_config_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger("hccfed.site")
@@ -151,7 +151,20 @@ class Site:
         other = Site(self.config, self.seed, radiomics_features=features, radiomics_params=params,
                      workers=self.workers, progress=self.progress, snapshot_dir=None)
         other.plan = self.plan  # self.config already holds the plan's preprocessing
-        for name in ("_base", "has_volumes", "tabular"):
+        for name in ("_base", "has_volumes", "tabular", "archive"):
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        other._radiomics = self._radiomics
+        return other
+
+    def with_archive(self, archive: ArchiveConfig | None) -> "Site":
+        """The same site with ``archive`` as its archive (:attr:`archive`); what is already prepared is
+        shared (in-process use: the simulation's pretraining on its synthetic archives)."""
+        other = Site(dataclasses.replace(self.config, archive=archive), self.seed,
+                     radiomics_features=self.radiomics_features, radiomics_params=self.radiomics_params,
+                     workers=self.workers, progress=self.progress, snapshot_dir=None)
+        other.plan = self.plan  # self.config already holds the plan's preprocessing
+        for name in ("_base", "has_volumes", "tabular", "prepared"):
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
         other._radiomics = self._radiomics
@@ -182,6 +195,35 @@ class Site:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @cached_property
+    def archive(self) -> PreparedScans | None:
+        """The site's archive (its YAML's ``archive:`` section: scans without outcomes), prepared as the
+        labelled patients are (the run's plan) for self-supervised pretraining, less the labelled
+        patients' own scans (:func:`hccfed.client.prepare.without_labelled`); None without an archive.
+        Its QC report is ``<cache_dir>/archive/qc_report.csv``."""
+        archive_config = self.config.archive_site()
+        if archive_config is None:
+            return None
+
+        def build():
+            from hccfed.client.prepare import prepare_scans, without_labelled
+
+            scans = without_labelled(prepare_scans(archive_config, self.workers, self.progress), self._base,
+                                     archive_config.manifest)
+            scans.qc.write(archive_config.cache_dir)
+            return scans
+        return self._kept("archive", build, _prepared_to_arrays, _scans_from_arrays)
+
+    def pretraining_images(self):
+        """What this site pretrains an encoder on (``client.pretraining``): the scans of its training
+        split, then those of its archive (float32, (N, C, D, H, W))."""
+        import torch
+
+        train = self.split("train").images
+        if self.archive is None:
+            return train
+        return torch.cat([train, torch.from_numpy(self.archive.images.astype(np.float32))])
 
     # ------------------------------------------------------------------ splits
     @cached_property
@@ -362,6 +404,16 @@ def _prepared_from_arrays(arrays: Mapping[str, np.ndarray]) -> PreparedSite:
                         **values)
     site.qc = None if qc is None else QCReport.from_dict(json.loads(str(qc)))
     return site
+
+
+def _scans_from_arrays(arrays: Mapping[str, np.ndarray]):
+    from hccfed.client.prepare import PreparedScans
+    from hccfed.client.qc import QCReport
+
+    values = dict(arrays)
+    qc = values.pop("qc", None)
+    return PreparedScans(str(values["site_id"]), values["patient_ids"], values["images"],
+                         qc=None if qc is None else QCReport.from_dict(json.loads(str(qc))))
 
 
 def _classical_from_arrays(arrays: Mapping[str, np.ndarray]):

@@ -2,8 +2,9 @@
 
 Each check is ``ok``, ``warning`` or ``failed`` with a one-line reason naming the file or field:
 the site YAML (``common.site_config``), its data (``client.site_validation.validate_site``: every
-rule of ``hccfed validate``), the prepared cache (current exactly when ``client.prepare``'s cache file
-for this config and data exists), the privacy policy, the cache folder, the TLS CA certificate and
+rule of ``hccfed validate``), its archive of scans without outcomes when the YAML names one, the
+prepared cache (current exactly when ``client.prepare``'s cache file for this config and data
+exists), the privacy policy, the cache folder, the TLS CA certificate and
 the node-auth private key when given, and the device. Nothing is prepared or written: the data
 folder is only read, and the cache folder only receives (and loses) one empty probe file.
 An unexpected error in a check fails that check, in one line naming it; it never stops the others.
@@ -96,6 +97,33 @@ def check_data(config: SiteConfig, workers: int | None = None) -> Check:
     if not report.prepared:
         return Check("data", FAILED, counts + why, details)
     return Check("data", WARNING if report.excluded else OK, counts + (why if report.excluded else ""), details)
+
+
+def check_archive(config: SiteConfig, workers: int | None = None) -> Check:
+    """The archive's scans (its YAML's ``archive:``, a scans-only manifest): every rule of `hccfed validate`,
+    nothing written; rows with a labelled patient's id are counted (left out when the site pretrains)."""
+    from hccfed.client.manifest import ManifestError, read_manifest
+    from hccfed.client.site_validation import validate_site
+    from hccfed.client.validation import normalised_id
+
+    archive = config.archive_site()
+    try:
+        report = validate_site(archive, workers=workers, scans_only=True)
+        labelled = {normalised_id(p) for p in read_manifest(config, strict=False, images=False).patient_ids}
+    except (ConfigError, ManifestError) as err:
+        return Check("archive", FAILED, str(err))
+    overlap = [p for p in report.prepared if normalised_id(p) in labelled]
+    usable = len(report.prepared) - len(overlap)
+    reasons = Counter(r for pid in report.excluded for r in dict.fromkeys(report.reasons(pid)))
+    details = {"usable": usable, "excluded": len(report.excluded), "labelled_ids": len(overlap),
+               "reasons": dict(reasons)}
+    text = f"{archive.manifest}: {usable} scan(s) for pretraining, {len(report.excluded)} excluded"
+    if reasons:
+        text += f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})"
+    if overlap:
+        text += f"; {len(overlap)} row(s) with a labelled patient's id ({', '.join(overlap[:3])}), left out"
+    status = FAILED if not usable else WARNING if report.excluded or overlap else OK
+    return Check("archive", status, text, details)
 
 
 def check_cache(config: SiteConfig) -> Check:
@@ -239,6 +267,8 @@ def check_site(site_yaml: str | Path, root_certificates: str | Path | None = Non
                       ("privacy policy", lambda: check_privacy(config)), ("cache_dir", lambda: check_cache_dir(config))):
         checks.append(_guarded(name, run) if config is not None
                       else Check(name, WARNING, f"not checked: {site_yaml} is not a valid site YAML"))
+        if name == "data" and config is not None and config.archive is not None:
+            checks.append(_guarded("archive", lambda: check_archive(config, workers)))
     if root_certificates is not None:
         checks.append(_guarded("CA certificate", lambda: check_certificate(Path(root_certificates))))
     if auth_key is not None:

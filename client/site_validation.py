@@ -42,13 +42,15 @@ class Screening:
 
 
 def check_outputs(config: SiteConfig, *outputs: Path) -> None:
-    """Refuse an output (the cache, a report) inside an input folder, or that is an input file itself."""
+    """Refuse an output (the cache, a report) inside an input folder (the archive's too), or that is an
+    input file itself."""
     inputs = {config.manifest.resolve(), *([config.source.resolve()] if config.source else [])}
+    roots = (*config.input_roots, *([config.archive.data_root] if config.archive is not None else []))
     for out in (config.cache_dir, *outputs):
         resolved = Path(out).resolve()  # symbolic links followed: a link into the data folder is refused too
-        if inside(resolved, config.input_roots):
+        if inside(resolved, roots):
             raise ConfigError(f"{config.source}: the output {resolved} lies inside the input folder "
-                              f"{next(r for r in config.input_roots if inside(resolved, (r,)))}; the hospital's data "
+                              f"{next(r for r in roots if inside(resolved, (r,)))}; the hospital's data "
                               "folder is only ever read: write outputs elsewhere")
         if resolved in inputs:
             raise ConfigError(f"{config.source}: the output {resolved} would overwrite an input of this command")
@@ -107,14 +109,16 @@ def content_duplicates(digests: dict[str, dict[str, tuple[str, str]]]) -> list[Q
     return issues
 
 
-def screen_site(config: SiteConfig) -> Screening:
-    """Every check that needs no image; raises for a fault of the site as a whole."""
+def screen_site(config: SiteConfig, scans_only: bool = False) -> Screening:
+    """Every check that needs no image; raises for a fault of the site as a whole. ``scans_only``: a
+    manifest of scans without outcomes (:meth:`SiteConfig.archive_site`; no lab is read)."""
     check_outputs(config)
     if not config.data_root.is_dir():
-        raise ConfigError(f"{config.source}: key 'data_root': {config.data_root} is not a folder")
-    manifest = read_manifest(config, strict=False)
+        key = "archive.data_root" if scans_only else "data_root"
+        raise ConfigError(f"{config.source}: key '{key}': {config.data_root} is not a folder")
+    manifest = read_manifest(config, strict=False, scans_only=scans_only)
     issues = list(manifest.issues)
-    table, lab_issues = check_labs(manifest.table, config)
+    table, lab_issues = (manifest.table, []) if scans_only else check_labs(manifest.table, config)
     issues += lab_issues
     jobs = [j for j in patient_jobs(config, manifest) if j.patient_id not in {i.patient_id for i in lab_issues}]
     duplicates = file_duplicates(jobs, manifest)
@@ -154,14 +158,16 @@ def run_parallel(function, jobs: list, workers: int | None, bar) -> list:
     return results
 
 
-def validate_site(config: SiteConfig, workers: int | None = None, progress: bool = False) -> QCReport:
+def validate_site(config: SiteConfig, workers: int | None = None, progress: bool = False,
+                  scans_only: bool = False) -> QCReport:
     """Every check of the validation layer on a site, nothing prepared, nothing written.
 
     The report's ``prepared`` lists the patients that pass every check (they would be prepared,
-    unless their registration fails).
+    unless their registration fails). ``scans_only``: a site's archive (:meth:`SiteConfig.archive_site`).
     """
-    screening = screen_site(config)
-    with tqdm(total=len(screening.jobs), desc=f"validate {config.site_id}", unit="patient",
+    screening = screen_site(config, scans_only)
+    with tqdm(total=len(screening.jobs), desc=f"validate {config.site_id}{' archive' if scans_only else ''}",
+              unit="patient",
               disable=not progress) as bar:
         results = run_parallel(check_patient, screening.jobs, workers, bar)
     issues = list(screening.issues)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -93,6 +93,17 @@ class MaskLabels:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    """A site's archive: scans without outcomes (the YAML's optional ``archive:`` section), read only by
+    self-supervised pretraining. Its manifest has a ``patient_id`` column and the site's phase and mask
+    columns; its paths are relative to its own ``data_root`` (default: the site's). Paths are absolute."""
+
+    data_root: Path
+    manifest: Path
+    manifest_encoding: str = "utf-8"
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's settings. Paths are absolute once loaded."""
 
@@ -115,11 +126,25 @@ class SiteConfig:
     preprocessing_set: tuple[str, ...] = ()
     #: what may leave this site (the YAML's ``privacy:`` section, common/privacy_policy.py)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    #: scans without outcomes for self-supervised pretraining (the YAML's ``archive:`` section), or None
+    archive: ArchiveConfig | None = None
 
     @property
     def input_roots(self) -> tuple[Path, ...]:
-        """Every folder an input may lie in (data_root first); nothing is ever written into them."""
+        """Every folder an input of the labelled manifest may lie in (data_root first); nothing is ever
+        written into them (nor into the archive's folder)."""
         return (self.data_root, *self.allowed_roots)
+
+    def archive_site(self) -> "SiteConfig | None":
+        """The archive as a site configuration of its own (its manifest, data folder and encoding; its
+        inputs may also lie in the site's folders; its cache ``<cache_dir>/archive``), or None without one.
+        Only :func:`hccfed.client.prepare.prepare_scans` reads it: a scans-only manifest."""
+        if self.archive is None:
+            return None
+        roots = tuple(dict.fromkeys(r for r in (self.data_root, *self.allowed_roots) if r != self.archive.data_root))
+        return replace(self, data_root=self.archive.data_root, manifest=self.archive.manifest,
+                       manifest_encoding=self.archive.manifest_encoding, allowed_roots=roots,
+                       cache_dir=self.cache_dir / "archive", archive=None)
 
 
 def _require(mapping: Mapping[str, Any], key: str, where: str, kind: type | tuple) -> Any:
@@ -248,6 +273,17 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
 def _check_containment(config: SiteConfig, where: str) -> None:
     """Inputs inside the declared roots; the cache (every output) outside all of them."""
     roots = config.input_roots
+    if config.archive is not None:
+        archive = config.archive
+        if not _inside(archive.manifest, (archive.data_root, *roots)):
+            raise ConfigError(f"{where}: key 'archive.manifest' resolves to {archive.manifest}, outside "
+                              f"archive.data_root {archive.data_root}; put the archive's manifest in its folder")
+        if archive.manifest == config.manifest:
+            raise ConfigError(f"{where}: key 'archive.manifest' is the labelled manifest {config.manifest}; the "
+                              "archive lists other scans, those without outcomes")
+        if _inside(config.cache_dir, (archive.data_root,)) or _inside(archive.data_root, (config.cache_dir,)):
+            raise ConfigError(f"{where}: key 'cache_dir' ({config.cache_dir}) and the archive's folder "
+                              f"{archive.data_root} overlap; the archive is only ever read: keep the cache outside it")
     if not _inside(config.manifest, roots):
         raise ConfigError(f"{where}: key 'manifest' resolves to {config.manifest}, outside data_root "
                           f"{config.data_root}; put the manifest in the data folder or list its folder under "
@@ -263,7 +299,36 @@ def _check_containment(config: SiteConfig, where: str) -> None:
 
 
 _KNOWN_KEYS = ("site_id", "data_root", "manifest", "manifest_encoding", "allowed_roots", "phases", "mask_column",
-               "mask_phase", "mask_labels", "labs", "treatment", "cache_dir", "preprocessing", "privacy")
+               "mask_phase", "mask_labels", "labs", "treatment", "cache_dir", "preprocessing", "privacy", "archive")
+_ARCHIVE_KEYS = ("data_root", "manifest", "manifest_encoding")
+
+
+def _encoding(value: Any, where: str, key: str) -> str:
+    try:
+        codecs.lookup(value)
+    except (LookupError, TypeError):
+        raise ConfigError(f"{where}: key '{key}' is {value!r}, not a known text encoding "
+                          "(e.g. utf-8, latin-1, cp1252)") from None
+    return value
+
+
+def _parse_archive(raw: Any, base: Path, data_root: Path, encoding: str, where: str) -> ArchiveConfig | None:
+    """The optional ``archive:`` section (see :class:`ArchiveConfig`)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: key 'archive' must be a mapping with 'manifest' (and optionally 'data_root', "
+                          f"'manifest_encoding'), got {raw!r}")
+    unknown = sorted(str(k) for k in set(raw) - set(_ARCHIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {['archive.' + k for k in unknown]}; known: "
+                          f"{['archive.' + k for k in _ARCHIVE_KEYS]}")
+    if "manifest" not in raw:
+        raise ConfigError(f"{where}: missing key 'archive.manifest' (the CSV of the archive's scans)")
+    root = _path(base, raw["data_root"], where, "archive.data_root") if "data_root" in raw else data_root
+    return ArchiveConfig(data_root=root, manifest=_path(root, raw["manifest"], where, "archive.manifest"),
+                         manifest_encoding=_encoding(raw.get("manifest_encoding", encoding), where,
+                                                     "archive.manifest_encoding"))
 
 
 def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
@@ -280,12 +345,7 @@ def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
         raise ConfigError(f"{where}: key 'site_id' is {site_id!r}; use letters, digits, '_' and '-' (at most 64)")
     data_root = _path(base, _require(raw, "data_root", where, str), where, "data_root")
     manifest = _path(data_root, raw.get("manifest", "manifest.csv"), where, "manifest")
-    encoding = raw.get("manifest_encoding", "utf-8")
-    try:
-        codecs.lookup(encoding)
-    except (LookupError, TypeError):
-        raise ConfigError(f"{where}: key 'manifest_encoding' is {encoding!r}, not a known text encoding "
-                          "(e.g. utf-8, latin-1, cp1252)") from None
+    encoding = _encoding(raw.get("manifest_encoding", "utf-8"), where, "manifest_encoding")
     roots_raw = raw.get("allowed_roots", []) or []
     if not isinstance(roots_raw, list):
         raise ConfigError(f"{where}: key 'allowed_roots' must be a list of folders, got {roots_raw!r}")
@@ -327,6 +387,7 @@ def parse_site_config(raw: Mapping[str, Any], source: Path) -> SiteConfig:
         allowed_roots=allowed,
         manifest_encoding=encoding,
         privacy=parse_privacy_policy(raw.get("privacy"), where),
+        archive=_parse_archive(raw.get("archive"), base, data_root, encoding, where),
     )
     _check_containment(config, where)
     return config
@@ -368,15 +429,15 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return parse_site_config(raw, path)
 
 
-def relocated_site_config(source: str | Path | SiteConfig, data_root: Path, cache_dir: Path, out: Path) -> SiteConfig:
-    """A site's YAML pointed at another data folder (its manifest of the same name inside it) and cache,
-    written to ``out`` with absolute paths and loaded back (so it is checked as any site YAML is)."""
-    import dataclasses
-
+def relocated_site_config(source: str | Path | SiteConfig, data_root: Path, cache_dir: Path, out: Path,
+                          archive: ArchiveConfig | None = None) -> SiteConfig:
+    """A site's YAML pointed at another data folder (its manifest of the same name inside it) and cache
+    (and, given ``archive``, that archive), written to ``out`` with absolute paths and loaded back (so it
+    is checked as any site YAML is)."""
     config = source if isinstance(source, SiteConfig) else load_site_config(source)
     data_root = Path(data_root).resolve()
-    config = dataclasses.replace(config, data_root=data_root, manifest=data_root / config.manifest.name,
-                                 cache_dir=Path(cache_dir).resolve())
+    config = replace(config, data_root=data_root, manifest=data_root / config.manifest.name,
+                     cache_dir=Path(cache_dir).resolve(), archive=archive or config.archive)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(site_config_to_yaml(config))
@@ -403,4 +464,7 @@ def site_config_to_yaml(config: SiteConfig) -> str:
         "labs": {k: {"unit": v.unit, "lower": v.lower, "upper": v.upper} for k, v in config.labs.items()},
         "privacy": config.privacy.to_dict(),
     }
+    if config.archive is not None:
+        raw["archive"] = {"data_root": str(config.archive.data_root), "manifest": str(config.archive.manifest),
+                          "manifest_encoding": config.archive.manifest_encoding}
     return yaml.safe_dump(raw, sort_keys=False)

@@ -39,6 +39,7 @@ from scipy.stats import norm
 from hccfed.client.site import Site
 from hccfed.client.site_data import ALL, split_rows
 from hccfed.common.run_config import ENCODERS, RunConfig, option
+from hccfed.common.site_config import ArchiveConfig
 from hccfed.common.splits import fitted_split
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
@@ -46,8 +47,8 @@ from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle
 from hccfed.simulation.federated_runs import federated_run
 from hccfed.simulation.pretraining import federated_pretraining, pretraining_scans
 from hccfed.simulation.references import clinical_logistic_regression, train_reference
-from hccfed.simulation.settings import (REPO_ROOT, SimulationSettings, effective_site_configs, ensure_cohort,
-                                       extension_sites)
+from hccfed.simulation.settings import (REPO_ROOT, SimulationSettings, archive_folders, effective_site_configs,
+                                       ensure_cohort, extension_sites)
 from hccfed.simulation.simulate import plan_sites
 
 log = logging.getLogger("hccfed.benchmark")
@@ -155,9 +156,9 @@ def _seed_settings(settings: BenchmarkSettings, seed: int) -> SimulationSettings
                               workers=settings.workers, run=replace(settings.model_options(), seed=seed))
 
 
-def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan, kind: str = "holdout") -> list[Site]:
-    """Each hospital's held-out evaluation cohort (``kind`` "archive": its unlabelled archive), prepared."""
-    return extension_sites(sim, kind, settings.holdout_size() if kind == "holdout" else settings.archive, plan)
+def held_out_sites(settings: BenchmarkSettings, sim: SimulationSettings, plan) -> list[Site]:
+    """Each hospital's held-out evaluation cohort, prepared."""
+    return extension_sites(sim, settings.holdout_size(), plan)
 
 
 def prepare_seed(settings: BenchmarkSettings, seed: int) -> tuple[SimulationSettings, list[Path], list[Site],
@@ -187,11 +188,14 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     base = replace(sim.run, site_configs=tuple(str(p) for p in site_paths), radiomics_features=radiomics)
     models: dict[str, Any] = {}
     variants = [(encoder, "", "") for encoder in settings.encoder_list()]
-    archives: list[Site] = []
+    archives: dict[str, int] = {}
     pretraining: dict[str, Any] = {}
     if settings.pretrain_rounds:
-        archives = held_out_sites(settings, sim, sites[0].plan, "archive") if settings.archive else []
-        scans = pretraining_scans(sites, archives)
+        folders = archive_folders(sim, settings.archive) if settings.archive else {}
+        archived = [s.with_archive(ArchiveConfig(folders[s.site_id], folders[s.site_id] / "manifest.csv"))
+                    if folders else s for s in sites]
+        scans = pretraining_scans(archived)
+        archives = {s.site_id: len(s.archive) for s in archived if s.archive is not None}
         for encoder in settings.pretrained_encoders():
             encoder_file = run_dir / "pretrain" / f"{encoder}.pt"
             pretraining[encoder] = federated_pretraining(scans, replace(base, encoder=encoder),
@@ -216,7 +220,7 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "config": _seed_config(settings, seed),
         "seconds": time.time() - started,
         "held_out_patients": {h.site_id: len(h) for h in holdouts},
-        "archive_patients": {a.site_id: len(a) for a in archives},
+        "archive_patients": archives,
         "train_patients": {s.site_id: int(len(split_rows(s.rows, fitted, s.seed))) for s in sites},
         "validation_patients": {s.site_id: int(len(s.split_indices["val"])) for s in sites},
         "cv_folds": settings.cv_folds,

@@ -60,22 +60,18 @@ def federated_pretraining(site_images: dict[str, torch.Tensor], run: RunConfig, 
     return {**meta, "history": history, "path": str(out)}
 
 
-def pretraining_scans(sites: list[Site], archives: list[Site] = ()) -> dict[str, torch.Tensor]:
-    """Each hospital's scans for pretraining: its training split, and every scan of its archive."""
-    from hccfed.client.site_data import ALL
-
-    scans = {s.site_id: s.split("train").images for s in sites}
-    for archive in archives:
-        scans[archive.site_id] = torch.cat([scans[archive.site_id], archive.split(ALL).images])
-    return scans
+def pretraining_scans(sites: list[Site]) -> dict[str, torch.Tensor]:
+    """Each hospital's scans for pretraining: its training split's, then its archive's
+    (:meth:`hccfed.client.site.Site.pretraining_images`, as its ClientApp reads them)."""
+    return {s.site_id: s.pretraining_images() for s in sites}
 
 
-def flower_pretraining(settings, rounds: int, out: Path | None = None) -> dict[str, Any]:
-    """`hccfed pretrain --flower`: the synthetic hospitals (made when missing), then the ServerApp's
-    ``pretrain`` job of ``rounds`` rounds on a local simulation SuperLink, one SuperNode per hospital,
-    as a deployment runs it; returns the job's ``pretrain.json`` (with "path": its encoder file, copied
-    to ``out`` when given). The folder is ``<runs>/<run-id>`` (default ``pretrain-flower-<time>``), with
-    ``flower.log``."""
+def flower_pretraining(settings, rounds: int, out: Path | None = None, archive: int = 0) -> dict[str, Any]:
+    """`hccfed pretrain --flower`: the synthetic hospitals (made when missing; with ``archive`` > 0 each
+    with an archive of that many unlabelled scans, named in its YAML), then the ServerApp's ``pretrain``
+    job of ``rounds`` rounds on a local simulation SuperLink, one SuperNode per hospital, as a deployment
+    runs it; returns the job's ``pretrain.json`` (with "path": its encoder file, copied to ``out`` when
+    given). The folder is ``<runs>/<run-id>`` (default ``pretrain-flower-<time>``), with ``flower.log``."""
     import json
     import shutil
     from dataclasses import replace
@@ -83,11 +79,11 @@ def flower_pretraining(settings, rounds: int, out: Path | None = None) -> dict[s
 
     from hccfed.server.pretrain_job import ENCODER_FILE, RESULTS_FILE, check_pretrain_config
     from hccfed.simulation.flower_runner import flwr_run
-    from hccfed.simulation.settings import REPO_ROOT, effective_site_configs, ensure_cohort
+    from hccfed.simulation.settings import REPO_ROOT, archive_folders, effective_site_configs, ensure_cohort
 
     run_dir = (settings.runs_dir / (settings.run_id or f"pretrain-flower-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     ensure_cohort(settings)
-    yamls = effective_site_configs(settings, run_dir)
+    yamls = effective_site_configs(settings, run_dir, archive_folders(settings, archive) if archive else None)
     run = replace(settings.run, job="pretrain", num_server_rounds=int(rounds),
                   site_configs=tuple(str(Path(p).resolve()) for p in yamls), run_dir=str(run_dir / "job"))
     check_pretrain_config(run)
@@ -111,21 +107,17 @@ def flower_pretraining(settings, rounds: int, out: Path | None = None) -> dict[s
 def pretrain_demo(settings, rounds: int, archive: int = 0, out: Path | None = None, flower: bool = False
                   ) -> dict[str, Any]:
     """`hccfed pretrain`: the synthetic hospitals (made when missing) and, with ``archive`` > 0, each
-    hospital's archive of that many unlabelled scans; federated pretraining of ``rounds`` rounds; the
-    encoder file (default ``<runs>/pretrain/encoder.pt``) for ``--pretrained-encoder``. With ``flower``
-    the ServerApp's pretrain job over Flower instead (:func:`flower_pretraining`; no archive: a site's
-    client pretrains on its training split)."""
+    hospital's archive of that many unlabelled scans (named in its YAML's ``archive:`` section, as a
+    real site names its own); federated pretraining of ``rounds`` rounds; the encoder file (default
+    ``<runs>/pretrain/encoder.pt``) for ``--pretrained-encoder``. With ``flower`` the ServerApp's
+    pretrain job over Flower instead (:func:`flower_pretraining`), on the same scans."""
     if flower:
-        if archive:
-            raise ValueError("--archive adds the synthetic archives in process only; over Flower (--flower) each "
-                             "site pretrains on the scans of its training split")
-        return flower_pretraining(settings, rounds, out)
-    from hccfed.simulation.settings import effective_site_configs, ensure_cohort, extension_sites
+        return flower_pretraining(settings, rounds, out, archive)
+    from hccfed.simulation.settings import archive_folders, effective_site_configs, ensure_cohort
     from hccfed.simulation.simulate import plan_sites
 
     run_dir = settings.runs_dir / (settings.run_id or "pretrain")
     ensure_cohort(settings)
-    sites = plan_sites(settings, effective_site_configs(settings, run_dir))
-    archives = extension_sites(settings, "archive", archive, sites[0].plan) if archive else []
-    return federated_pretraining(pretraining_scans(sites, archives), settings.run, rounds,
-                                 out or run_dir / "encoder.pt")
+    sites = plan_sites(settings, effective_site_configs(settings, run_dir,
+                                                        archive_folders(settings, archive) if archive else None))
+    return federated_pretraining(pretraining_scans(sites), settings.run, rounds, out or run_dir / "encoder.pt")

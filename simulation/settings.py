@@ -13,9 +13,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from hccfed.common.run_config import RunConfig, option
-from hccfed.common.site_config import relocated_site_config
+from hccfed.common.site_config import ArchiveConfig, relocated_site_config
 from hccfed.simulation.cohort import (ARCHIVE_FIRST_INDEX, DEFAULT_FOV_MM, DEFAULT_SITES, GENERATOR_VERSION,
                                       HOLDOUT_FIRST_INDEX, SiteProfile, holdout_profiles, synthesize_cohort)
 
@@ -54,10 +55,26 @@ def ensure_cohort(settings: SimulationSettings) -> None:
     ensure_synthetic(settings.data_dir, settings.seed, tuple(settings.sites), settings.workers or 2, settings.fov_mm)
 
 
-def effective_site_configs(settings: SimulationSettings, run_dir: Path) -> list[Path]:
-    """Each site's YAML with absolute paths into this cohort, written into the run folder."""
+def effective_site_configs(settings: SimulationSettings, run_dir: Path,
+                           archives: Mapping[str, Path] | None = None) -> list[Path]:
+    """Each site's YAML with absolute paths into this cohort, written into the run folder; with
+    ``archives`` ({site id: folder}, :func:`archive_folders`) each names its archive (``archive:``)."""
+    archives = archives or {}
     return [relocated_site_config(p.config_path, settings.data_dir / p.site_id, settings.cache_dir / p.site_id,
-                                  run_dir / "sites" / f"{p.site_id}.yaml").source for p in settings.sites]
+                                  run_dir / "sites" / f"{p.site_id}.yaml",
+                                  archive=(ArchiveConfig(archives[p.site_id], archives[p.site_id] / "manifest.csv")
+                                           if p.site_id in archives else None)).source
+            for p in settings.sites]
+
+
+def archive_folders(settings: SimulationSettings, n_patients: int) -> dict[str, Path]:
+    """Each hospital's archive of ``n_patients`` other patients' scans, for self-supervised pretraining
+    (generated under ``<data_dir>/../archive`` when missing; its manifest's outcome and lab columns are
+    never read: the site reads it as a scans-only manifest): {site id: its folder}."""
+    profiles = holdout_profiles(settings.sites, n_patients, ARCHIVE_FIRST_INDEX)
+    data_dir = settings.data_dir.parent / "archive"
+    ensure_synthetic(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
+    return {p.site_id: (data_dir / p.site_id).resolve() for p in profiles}
 
 
 def ensure_synthetic(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
@@ -79,14 +96,13 @@ def ensure_synthetic(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...
                       workers=workers or os.cpu_count() or 1, progress=True)
 
 
-def extension_sites(settings: SimulationSettings, kind: str, n_patients: int, plan) -> list:
-    """Each hospital's ``kind`` cohort ("holdout": its large held-out evaluation cohort; "archive": its
-    unlabelled scans for pretraining) of ``n_patients`` new patients, as a Site of that hospital (same YAML,
-    other data and cache: ``<data_dir>/../<kind>``), prepared by ``plan``."""
+def extension_sites(settings: SimulationSettings, n_patients: int, plan) -> list:
+    """Each hospital's large held-out evaluation cohort of ``n_patients`` new patients, as a Site of that
+    hospital (same YAML, other data and cache: ``<data_dir>/../holdout``), prepared by ``plan``."""
     from hccfed.client.site import Site
 
-    first = {"holdout": HOLDOUT_FIRST_INDEX, "archive": ARCHIVE_FIRST_INDEX}[kind]
-    profiles = holdout_profiles(settings.sites, n_patients, first)
+    kind = "holdout"
+    profiles = holdout_profiles(settings.sites, n_patients, HOLDOUT_FIRST_INDEX)
     data_dir = settings.data_dir.parent / kind
     ensure_synthetic(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
     run_dir = settings.runs_dir / (settings.run_id or kind)
