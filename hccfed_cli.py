@@ -101,7 +101,7 @@ def _prepare(args: argparse.Namespace) -> int:
               f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
         archive = config.archive_site()
         if archive is not None:  # the scans without outcomes, for pretraining: the labelled patients' left out
-            scans = without_labelled(prepare_scans(archive, workers=args.workers), site, archive.manifest)
+            scans = without_labelled(prepare_scans(archive, workers=args.workers), archive, config)
             scans.qc.write(archive.cache_dir)
             print(scans.qc.summary())
             _print_issues(scans.qc)

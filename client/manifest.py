@@ -312,3 +312,11 @@ def read_manifest(config: SiteConfig, strict: bool = True, images: bool = True, 
                     {p: [paths[line][p] for line in kept] for p in config.phase_columns},
                     [paths[line]["mask"] for line in kept], tuple(rows.issues),
                     {ids[line]: line for line in kept}, tuple(ignored), config.manifest)
+
+
+def raw_rows(config: SiteConfig) -> list[tuple[int, dict[str, str]]]:
+    """Every row of the manifest as it is written, ``(line, {column: cell})``, no rule applied (the rows a
+    check would exclude too): what a comparison across manifests reads (ids, paths). A fault of the
+    file as a whole raises as in :func:`read_manifest`."""
+    header, records = _read_records(config)
+    return [(line, dict(zip(header, cells))) for line, cells in records]

@@ -24,7 +24,6 @@ outside the data folder (checked); the data folder is only ever read.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from hccfed.client.prepare_cache import (PREPARE_VERSION, PatientResult, cache_k
 from hccfed.client.qc import PatientQCError, QCReport, patient_issue
 from hccfed.client.registration import register_rigid
 from hccfed.client.site_validation import content_duplicates, patient_jobs, run_parallel, screen_site
+from hccfed.client.validation import resolve_input
 from hccfed.common.site_config import Preprocessing, SiteConfig
 from hccfed.common.schema import LABS, PHASES, clinical_feature_names, early_recurrence_label
 
@@ -321,7 +321,7 @@ def prepare_scans(config: SiteConfig, workers: int | None = None, progress: bool
     keys = [patient_key(job) for job in screening.jobs]
     cache_file = prepared_cache_file(config, screening.jobs, keys)
     scans = _cached(config, cache_file, PreparedScans)
-    if scans is not None:
+    if scans is not None and scans.qc is not None:  # without its QC report, assembled again from the entries
         return scans
     what = f"{config.site_id} archive"
     prepared, results, report = _prepare_screened(config, screening, keys, workers, progress, what)
@@ -331,34 +331,74 @@ def prepare_scans(config: SiteConfig, workers: int | None = None, progress: bool
     return scans
 
 
-def without_labelled(scans: PreparedScans, labelled: PreparedSite, manifest: Path | None = None) -> PreparedScans:
-    """The archive's scans less those of the labelled cohort's prepared patients: an archive row with a
-    labelled patient's id (compared without surrounding spaces and letter case), or whose prepared cube
-    is a labelled patient's, voxel for voxel (the same files exported under another id). Pretraining on
-    them would let a validation or test patient's scan into the encoder. Each is a QC entry of the
-    archive's report (``scans.qc``, which the caller writes again). A second scan of a labelled patient
-    under another id, from another day, is not found: the archive's export should leave them out."""
+def labelled_marks(labelled: SiteConfig) -> tuple[dict[str, str], dict, dict[str, str]]:
+    """What identifies the labelled cohort's scans, each mapped to its patient: the id of every manifest
+    row (compared without surrounding spaces and case; the rows QC excludes too), the file (device and
+    inode) of every phase path a row names, and the voxel digest of every phase read when the cohort
+    was prepared (from its per-patient cache: a patient whose volumes were never read has none)."""
+    from hccfed.client.image_checks import file_identity
+    from hccfed.client.manifest import raw_rows
     from hccfed.client.validation import normalised_id
 
-    ids = {normalised_id(str(p)): str(p) for p in labelled.patient_ids}
-    cubes = {hashlib.sha256(np.ascontiguousarray(c).tobytes()).hexdigest(): str(p)
-             for p, c in zip(labelled.patient_ids, labelled.images)}
+    ids, files, digests = {}, {}, {}
+    for _, row in raw_rows(labelled):
+        pid = (row.get("patient_id") or "").strip()
+        if not pid:
+            continue
+        ids.setdefault(normalised_id(pid), pid)
+        for column in labelled.phase_columns.values():
+            cell = (row.get(column) or "").strip()
+            if not cell:
+                continue
+            path, problem = resolve_input(cell, labelled.data_root, labelled.input_roots)
+            identity = None if problem else file_identity(path)
+            if identity is not None:
+                files.setdefault(identity, pid)
+    for job in screen_site(labelled).jobs:
+        entry = load_patient_entry(patient_entry(labelled, job.patient_id, patient_key(job)), job.patient_id)
+        for column, (value, _) in (entry.digests or {}).items() if entry is not None else ():
+            if column != job.mask_field:
+                digests.setdefault(value, job.patient_id)
+    return ids, files, digests
+
+
+def without_labelled(scans: PreparedScans, archive: SiteConfig, labelled: SiteConfig) -> PreparedScans:
+    """The archive's scans (prepared by :func:`prepare_scans` from ``archive``) less any labelled patient's
+    (:func:`labelled_marks` of ``labelled``, prepared first): an archive row with a labelled patient's id,
+    a phase that is one of their files, or a phase with the same voxels as one of theirs (a copy, with
+    another mask or none). Pretraining on them would let a validation or test patient's scan into the
+    encoder. Each is a QC entry (``in_labelled_cohort``) of the returned report, which the caller writes
+    to the archive's cache. A second acquisition of a labelled patient under another id is not found:
+    the archive's export should leave them out."""
+    from hccfed.client.image_checks import file_identity
+    from hccfed.client.validation import normalised_id
+
+    ids, files, digests = labelled_marks(labelled)
+    jobs = {job.patient_id: job for job in screen_site(archive, scans_only=True).jobs}
     keep, issues = [], []
     for i, pid in enumerate(str(p) for p in scans.patient_ids):
-        twin = ids.get(normalised_id(pid))
-        how = "has the id of"
-        if twin is None:
-            twin = cubes.get(hashlib.sha256(np.ascontiguousarray(scans.images[i]).tobytes()).hexdigest())
-            how = "holds the same prepared volume as"
+        job = jobs.get(pid)
+        entry = None if job is None else load_patient_entry(patient_entry(archive, pid, patient_key(job)), pid)
+        twin, why = ids.get(normalised_id(pid)), "has the id of"
+        for column, path in zip(job.phase_fields, job.phase_paths) if job is not None and twin is None else ():
+            identity = file_identity(path)
+            if identity in files:
+                twin, why = files[identity], f"names in '{column}' ({path}) a file of"
+                break
+            value = (entry.digests or {}).get(column, (None,))[0] if entry is not None else None
+            if value in digests:
+                twin, why = digests[value], f"holds in '{column}' ({path}) the voxels of a phase of"
+                break
         if twin is None:
             keep.append(i)
             continue
-        issues.append(patient_issue(pid, "in_labelled_cohort", "patient_id", manifest or "", (
-            f"{how} labelled patient {twin} of {labelled.site_id}: left out of the archive, so no scan of a "
-            "labelled (validation or test) patient reaches the pretraining; remove it from the archive's export")))
+        issues.append(patient_issue(pid, "in_labelled_cohort", "patient_id", archive.manifest, (
+            f"{why} labelled patient {twin} of {labelled.site_id} ({labelled.manifest}): left out of the archive, "
+            "so no scan of a labelled (validation or test) patient reaches the pretraining; remove it from the "
+            "archive's export")))
     if not keep:
         raise PreparationError(f"site {scans.site_id} archive: every scan is a labelled patient's "
                                f"({len(issues)}); the archive lists the scans without outcomes")
-    qc = None if scans.qc is None else QCReport(scans.qc.site_id, [str(scans.patient_ids[i]) for i in keep],
-                                               [*scans.qc.issues, *issues])
+    earlier = list(scans.qc.issues) if scans.qc is not None else []
+    qc = QCReport(scans.site_id, [str(scans.patient_ids[i]) for i in keep], [*earlier, *issues])
     return PreparedScans(scans.site_id, scans.patient_ids[keep], scans.images[keep], qc=qc)

@@ -38,7 +38,7 @@ from hccfed.common.atomic_io import atomic_savez
 from hccfed.common.plan import FederationPlan, PlanError, plan_problems
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
-from hccfed.common.site_config import ArchiveConfig, SiteConfig, load_site_config
+from hccfed.common.site_config import ArchiveConfig, SiteConfig, load_site_config, with_archive
 from hccfed.client.site_yaml import site_config_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger("hccfed.site")
@@ -160,7 +160,7 @@ class Site:
     def with_archive(self, archive: ArchiveConfig | None) -> "Site":
         """The same site with ``archive`` as its archive (:attr:`archive`); what is already prepared is
         shared (in-process use: the simulation's pretraining on its synthetic archives)."""
-        other = Site(dataclasses.replace(self.config, archive=archive), self.seed,
+        other = Site(with_archive(self.config, archive), self.seed,
                      radiomics_features=self.radiomics_features, radiomics_params=self.radiomics_params,
                      workers=self.workers, progress=self.progress, snapshot_dir=None)
         other.plan = self.plan  # self.config already holds the plan's preprocessing
@@ -199,8 +199,8 @@ class Site:
     @cached_property
     def archive(self) -> PreparedScans | None:
         """The site's archive (its YAML's ``archive:`` section: scans without outcomes), prepared as the
-        labelled patients are (the run's plan) for self-supervised pretraining, less the labelled
-        patients' own scans (:func:`hccfed.client.prepare.without_labelled`); None without an archive.
+        labelled patients are (the run's plan) for self-supervised pretraining, less any labelled
+        patient's scan (:func:`hccfed.client.prepare.without_labelled`); None without an archive.
         Its QC report is ``<cache_dir>/archive/qc_report.csv``."""
         archive_config = self.config.archive_site()
         if archive_config is None:
@@ -209,8 +209,9 @@ class Site:
         def build():
             from hccfed.client.prepare import prepare_scans, without_labelled
 
-            scans = without_labelled(prepare_scans(archive_config, self.workers, self.progress), self._base,
-                                     archive_config.manifest)
+            _ = self._base  # the labelled cohort prepared first: its cache holds the voxel digests compared
+            scans = without_labelled(prepare_scans(archive_config, self.workers, self.progress), archive_config,
+                                     self.config)
             scans.qc.write(archive_config.cache_dir)
             return scans
         return self._kept("archive", build, _prepared_to_arrays, _scans_from_arrays)

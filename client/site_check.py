@@ -101,15 +101,16 @@ def check_data(config: SiteConfig, workers: int | None = None) -> Check:
 
 def check_archive(config: SiteConfig, workers: int | None = None) -> Check:
     """The archive's scans (its YAML's ``archive:``, a scans-only manifest): every rule of `hccfed validate`,
-    nothing written; rows with a labelled patient's id are counted (left out when the site pretrains)."""
-    from hccfed.client.manifest import ManifestError, read_manifest
+    nothing written; rows with the id of any labelled manifest row are counted (left out when the site
+    pretrains; the files and voxels of labelled patients are compared once both are prepared)."""
+    from hccfed.client.manifest import ManifestError, raw_rows
     from hccfed.client.site_validation import validate_site
     from hccfed.client.validation import normalised_id
 
     archive = config.archive_site()
     try:
         report = validate_site(archive, workers=workers, scans_only=True)
-        labelled = {normalised_id(p) for p in read_manifest(config, strict=False, images=False).patient_ids}
+        labelled = {normalised_id(row.get("patient_id") or "") for _, row in raw_rows(config)}  # every row's
     except (ConfigError, ManifestError) as err:
         return Check("archive", FAILED, str(err))
     overlap = [p for p in report.prepared if normalised_id(p) in labelled]

@@ -429,11 +429,18 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return parse_site_config(raw, path)
 
 
+def with_archive(config: SiteConfig, archive: ArchiveConfig | None) -> SiteConfig:
+    """``config`` with ``archive`` as its archive (None: none), checked as the YAML's ``archive:`` is."""
+    out = replace(config, archive=archive)
+    _check_containment(out, str(config.source))
+    return out
+
+
 def relocated_site_config(source: str | Path | SiteConfig, data_root: Path, cache_dir: Path, out: Path,
                           archive: ArchiveConfig | None = None) -> SiteConfig:
     """A site's YAML pointed at another data folder (its manifest of the same name inside it) and cache
-    (and, given ``archive``, that archive), written to ``out`` with absolute paths and loaded back (so it
-    is checked as any site YAML is)."""
+    (and, given ``archive``, that archive; None keeps the config's own, with its absolute paths), written
+    to ``out`` with absolute paths and loaded back (so it is checked as any site YAML is)."""
     config = source if isinstance(source, SiteConfig) else load_site_config(source)
     data_root = Path(data_root).resolve()
     config = replace(config, data_root=data_root, manifest=data_root / config.manifest.name,
