@@ -47,8 +47,8 @@ REASONS: dict[str, str] = {
                          "copy the file into data_root or list its folder under allowed_roots in the site YAML",
     "duplicate_image": "the same file or the same image content is used by several patients (or several fields of "
                        "one patient); give each patient and phase its own acquisition",
-    "in_labelled_cohort": "an archive scan (for pretraining) is a labelled patient's: the same id or the same "
-                          "prepared volume; leave the labelled patients out of the archive's export",
+    "in_labelled_cohort": "an archive scan (for pretraining) is a labelled patient's: the same id, one of their "
+                          "files or the same voxels; leave the labelled patients out of the archive's export",
     "unreadable_image": "the volume cannot be read (truncated or corrupt file); re-export it",
     "image_geometry": "the volume is not a usable 3-D image with a geometry (dimensions, voxel spacing, "
                       "orientation); re-export it with its header",
