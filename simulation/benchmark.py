@@ -312,9 +312,28 @@ def _fmt(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f}" + (f" +/- {s['sd']:.{digits}f}" if np.isfinite(s["sd"]) else "")
 
 
-def table_markdown(summary: dict[str, Any], seeds: list[int], holdout: int, dev: bool = False) -> str:
+def machine(device: str) -> dict[str, Any]:
+    """What the figures' times were measured on (absolute times mean nothing without it)."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device, "gpu": gpu}
+
+
+def table_markdown(summary: dict[str, Any], seeds: list[int], holdout: int, dev: bool = False,
+                   per_seed: list[dict[str, Any]] = (), host: dict[str, Any] | None = None) -> str:
+    times = ", ".join(f"seed {r['seed']} {r['seconds'] / 60:.0f} min" for r in per_seed if "seconds" in r)
+    where = (f"Measured on {host['platform']}, {host['cpus']} CPUs, torch {host['torch']}, device {host['device']}"
+             + (f" ({host['gpu']})" if host.get("gpu") else "") + (f"; {times}" if times else "")
+             + " (a seed's time counts its cohort's generation and preparation when they were not on disk)."
+             if host else "")
     lines = [f"Held-out cohorts: {holdout} patients per hospital per seed; seeds {', '.join(map(str, seeds))}. "
              "Mean +/- SD over seeds." + (" DEVELOPMENT SEED: for choices, not a benchmark figure." if dev else ""),
+             *([where] if where else []),
              "",
              "| model | AUC | per-seed AUC | C-index | calibration slope | after recalibration | Brier |",
              "|---|---|---|---|---|---|---|"]
@@ -372,12 +391,12 @@ def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
             continue
         per_seed.append(benchmark_seed(settings, seed))
     summary = summarize(per_seed)
+    host = machine(device)
     out = {"seeds": seeds, "dev_seed": settings.dev_seed, "development_run": settings.dev,
-           "holdout_per_hospital": holdout, "device": device, "run": settings.model_options().to_flwr(),
-           "summary": summary,
-           "per_seed": per_seed}
+           "holdout_per_hospital": holdout, "device": device, "machine": host,
+           "run": settings.model_options().to_flwr(), "summary": summary, "per_seed": per_seed}
     (settings.out_dir / "benchmark.json").write_text(json.dumps(out, indent=2, default=float))
-    table = table_markdown(summary, seeds, holdout, settings.dev)
+    table = table_markdown(summary, seeds, holdout, settings.dev, per_seed, host)
     (settings.out_dir / "benchmark.md").write_text(table)
     plot_benchmark(summary, seeds, settings.out_dir / "benchmark.png")
     print(table)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import norm
 
 from hccfed.common.run_config import RunConfig
@@ -126,6 +128,7 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     assert set(result["summary"]["models"]) == set(models) | {"oracle"}
     assert (out / "benchmark.png").stat().st_size > 0
     assert "| federated cnn |" in (out / "benchmark.md").read_text()
+    assert f"{os.cpu_count()} CPUs, torch {torch.__version__}, device cpu; seed 5 " in (out / "benchmark.md").read_text()
     # the held-out cohort: new ids of each hospital, none in its cohort
     data = tmp_path / "cohorts" / "seed-5"
     for p in tiny_site_profiles:
