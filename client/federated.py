@@ -29,6 +29,7 @@ from hccfed.client.privacy import PrivacyBudget, PrivateTraining, epsilon_spent,
 from hccfed.client.privacy_guard import check_exact_release, check_training
 from hccfed.client.privacy_ledger import NEIGHBOURS, PrivacyLedger
 from hccfed.client.training import TrainSettings, detect_device, predict, train_local
+from hccfed.common.atomic_io import atomic_write
 from hccfed.common.run_config import RunConfig
 from hccfed.common.seeds import derive_seed
 from hccfed.common.models.fusion import model_from_run_config, norm_parameter_names
@@ -63,11 +64,8 @@ class SiteState:
         return cls(site.config.cache_dir / "federated" / key)
 
     def save(self, server_round: int, norm: Mapping[str, torch.Tensor] | None, dp_steps: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"round-{server_round:05d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"norm": None if norm is None else dict(norm), "dp_steps": int(dp_steps)}, tmp)
-        tmp.replace(path)
+        state = {"norm": None if norm is None else dict(norm), "dp_steps": int(dp_steps)}
+        atomic_write(self.folder / f"round-{server_round:05d}.pt", lambda tmp: torch.save(state, tmp))
 
     def latest(self, server_round: int) -> dict[str, Any]:
         rounds = sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("round-*.pt")) if self.folder.exists() else []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from hccfed.client.image_checks import PatientJob
 from hccfed.client.qc import QCIssue, QCReport
+from hccfed.common.atomic_io import atomic_savez, atomic_write_text
 from hccfed.common.site_config import SiteConfig
 
 PREPARE_VERSION = "4"
@@ -77,13 +77,10 @@ def patient_entry(config: SiteConfig, patient_id: str, key: str) -> Path:
 
 
 def save_patient(path: Path, result: PatientResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
     cube = result.cube if result.cube is not None else np.zeros((0,), np.float16)
-    np.savez(tmp, cube=cube, ok=np.array(result.cube is not None),
-             issues=np.array(json.dumps([asdict(i) for i in result.issues])),
-             digests=np.array(json.dumps(result.digests or {})))
-    os.replace(tmp, path)
+    atomic_savez(path, cube=cube, ok=np.array(result.cube is not None),
+                 issues=np.array(json.dumps([asdict(i) for i in result.issues])),
+                 digests=np.array(json.dumps(result.digests or {})))
 
 
 def load_patient_entry(path: Path, patient_id: str) -> PatientResult | None:
@@ -101,18 +98,12 @@ def load_patient_entry(path: Path, patient_id: str) -> PatientResult | None:
 
 def save_site(path: Path, site) -> None:
     """Write a PreparedSite's (or PreparedScans') arrays (and its QC report beside them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
     arrays = {k: v for k, v in vars(site).items() if isinstance(v, np.ndarray)}
     if hasattr(site, "clinical_names"):  # a PreparedScans has none
         arrays["clinical_names"] = np.array(site.clinical_names)
-    np.savez(tmp, site_id=np.array(site.site_id), **arrays)
-    os.replace(tmp, path)
+    atomic_savez(path, site_id=np.array(site.site_id), **arrays)
     if site.qc is not None:
-        qc_path = _qc_path(path)
-        tmp = qc_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(site.qc.to_dict()))
-        os.replace(tmp, qc_path)
+        atomic_write_text(_qc_path(path), json.dumps(site.qc.to_dict()))
 
 
 def load_site(path: Path, factory):

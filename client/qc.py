@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hccfed.common.atomic_io import atomic_write, atomic_write_text
 from hccfed.common.site_config import SiteConfig
 from hccfed.common.schema import LABS
 
@@ -189,19 +190,18 @@ class QCReport:
         """Write ``qc_report.csv`` and ``qc_report.json`` into ``folder`` (the cache); return their paths."""
         folder.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = folder / "qc_report.json", folder / "qc_report.csv"
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, json_path)
-        tmp = csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["patient_id", "status", "reason", "field", "row", "file", "message", "what_to_do"])
-            for pid in self.prepared:
-                writer.writerow([pid, "prepared", "", "", "", "", "", ""])
-            for i in self.issues:
-                writer.writerow([i.patient_id, i.severity, i.reason, i.field, "" if i.row is None else i.row, i.file,
-                                 i.message, REASONS[i.reason]])
-        os.replace(tmp, csv_path)
+        atomic_write_text(json_path, json.dumps(self.to_dict(), indent=2))
+
+        def write_csv(tmp: Path) -> None:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["patient_id", "status", "reason", "field", "row", "file", "message", "what_to_do"])
+                for pid in self.prepared:
+                    writer.writerow([pid, "prepared", "", "", "", "", "", ""])
+                for i in self.issues:
+                    writer.writerow([i.patient_id, i.severity, i.reason, i.field, "" if i.row is None else i.row,
+                                     i.file, i.message, REASONS[i.reason]])
+        atomic_write(csv_path, write_csv)
         return csv_path, json_path
 
 

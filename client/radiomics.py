@@ -45,6 +45,7 @@ from hccfed.client.image_checks import binary_tumour
 from hccfed.client.ingest import read_volume
 from hccfed.client.manifest import read_manifest
 from hccfed.client.radiomics_features import features_of, make_extractor, normalise_image, resolve_params
+from hccfed.common.atomic_io import atomic_write_text
 from hccfed.common.site_config import MaskLabels, SiteConfig
 from hccfed.common.schema import PHASES
 
@@ -252,10 +253,7 @@ def extract_site(config: SiteConfig, params: str | Path = "fast", workers: int |
                 if features is None:
                     failed[pid] = reason
                     continue
-                entry.parent.mkdir(parents=True, exist_ok=True)
-                tmp = entry.with_suffix(".tmp")
-                tmp.write_text(json.dumps(features))
-                os.replace(tmp, entry)
+                atomic_write_text(entry, json.dumps(features))
                 results[pid] = features
         finally:
             if pool is not None:

@@ -13,7 +13,6 @@ is reloaded at the end). Only weights and aggregates: nothing about patients.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from hccfed.common.atomic_io import atomic_write
 from hccfed.common.run_config import RunConfig
 
 FOLDER = "checkpoints"
@@ -28,12 +28,6 @@ FOLDER = "checkpoints"
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / FOLDER
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -52,10 +46,10 @@ def save_checkpoint(run_dir: str | Path, server_round: int, arrays: ArrayRecord,
     path = folder / f"round-{server_round:05d}.pt"
     payload = {"round": server_round, "arrays": arrays_to_numpy(arrays), "strategy_state": strategy_state,
                "progress": progress}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    _atomic_write(folder / "run_config.json",
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(folder / "run_config.json",
                   lambda tmp: tmp.write_text(json.dumps(config.to_flwr(), indent=2, default=float)))
-    _atomic_write(folder / "latest.json",
+    atomic_write(folder / "latest.json",
                   lambda tmp: tmp.write_text(json.dumps({"round": server_round, "file": path.name})))
     return path
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hccfed.common.atomic_io import atomic_write
 from hccfed.common.models.fusion import SmallCNN3d
 from hccfed.common.models.vit import ViTEncoder3d
 
@@ -221,11 +222,8 @@ def encoder_meta(run, rounds: int, scans: Mapping[str, int], seconds: float) -> 
 
 def save_encoder(model: nn.Module, meta: dict, out) -> None:
     """The file ``--pretrained-encoder`` reads: {"encoder": the kept encoder's state, "meta": meta}."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"encoder": model.pretrained_encoder().state_dict(), "meta": meta}, tmp)
-    tmp.replace(out)
+    state = {"encoder": model.pretrained_encoder().state_dict(), "meta": meta}
+    atomic_write(Path(out), lambda tmp: torch.save(state, tmp))
 
 
 PRETRAINING_OBJECTIVES = {"cnn": "masked autoencoder (FCMAE)", "vit": "DINO self-distillation with register tokens"}

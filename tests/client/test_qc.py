@@ -191,3 +191,25 @@ def test_report_round_trip_and_reason_codes(tmp_path):
     assert read_qc_report(tmp_path) == report
     with pytest.raises(ValueError, match="unknown QC reason"):
         QCIssue("P3", "bad_luck", "", "", "")
+
+
+def _write_reports(folder: str, times: int) -> int:
+    from hccfed.client.qc import QCReport
+
+    report = QCReport("hospital_a", ["A1", "A2"], [])
+    for _ in range(times):
+        report.write(Path(folder))
+    return times
+
+
+def test_processes_writing_one_sites_reports_at_once_never_collide(tmp_path):
+    """Two processes preparing the same site (two benchmarks sharing a cohort's cache, a SuperNode and
+    `hccfed prepare`) write its QC report and cache files at once: each through its own temporary file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from hccfed.client.qc import read_qc_report
+
+    with ProcessPoolExecutor(max_workers=3) as pool:
+        assert list(pool.map(_write_reports, [str(tmp_path)] * 3, [150] * 3)) == [150] * 3
+    assert read_qc_report(tmp_path).prepared == ["A1", "A2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qc_report.csv", "qc_report.json"]
