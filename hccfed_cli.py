@@ -88,7 +88,7 @@ def _print_issues(report, limit: int = 20) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hccfed.client.prepare import prepare_scans, prepare_site, without_labelled
+    from hccfed.client.prepare import prepare_archive, prepare_site
     from hccfed.common.site_config import load_site_config
 
     def run() -> int:
@@ -99,14 +99,12 @@ def _prepare(args: argparse.Namespace) -> int:
             _print_issues(site.qc)
         print(f"{config.site_id}: {len(site)} patients prepared; cache in {config.cache_dir}; "
               f"QC report {config.cache_dir / 'qc_report.csv'} (and .json)")
-        archive = config.archive_site()
-        if archive is not None:  # the scans without outcomes, for pretraining: the labelled patients' left out
-            scans = without_labelled(prepare_scans(archive, workers=args.workers), archive, config)
-            scans.qc.write(archive.cache_dir)
+        scans = prepare_archive(config, workers=args.workers)  # the scans without outcomes, for pretraining
+        if scans is not None:
             print(scans.qc.summary())
             _print_issues(scans.qc)
             print(f"{config.site_id} archive: {len(scans)} scans prepared for pretraining; QC report "
-                  f"{archive.cache_dir / 'qc_report.csv'} (and .json)")
+                  f"{config.archive_site().cache_dir / 'qc_report.csv'} (and .json)")
         return EXIT_OK
 
     return _site_command("prepare", run)

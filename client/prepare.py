@@ -331,6 +331,18 @@ def prepare_scans(config: SiteConfig, workers: int | None = None, progress: bool
     return scans
 
 
+def prepare_archive(config: SiteConfig, workers: int | None = None, progress: bool = True) -> PreparedScans | None:
+    """A site's archive (``config.archive``) prepared for pretraining, less any labelled patient's scan
+    (:func:`without_labelled`; the labelled cohort, ``config``, prepared first), its QC report written to
+    ``<cache_dir>/archive``; None without an archive."""
+    archive = config.archive_site()
+    if archive is None:
+        return None
+    scans = without_labelled(prepare_scans(archive, workers, progress), archive, config)
+    scans.qc.write(archive.cache_dir)
+    return scans
+
+
 def labelled_marks(labelled: SiteConfig) -> tuple[dict[str, str], dict, dict[str, str]]:
     """What identifies the labelled cohort's scans, each mapped to its patient: the id of every manifest
     row (compared without surrounding spaces and case; the rows QC excludes too), the file (device and

@@ -148,23 +148,21 @@ class Site:
     def with_radiomics(self, features: Sequence[str], params: str = "fast") -> "Site":
         """The same site with the fusion model's radiomics ``features``; what is already prepared or
         extracted is shared, not done again (in-process use: the simulation's references)."""
-        other = Site(self.config, self.seed, radiomics_features=features, radiomics_params=params,
-                     workers=self.workers, progress=self.progress, snapshot_dir=None)
-        other.plan = self.plan  # self.config already holds the plan's preprocessing
-        for name in ("_base", "has_volumes", "tabular", "archive"):
-            if name in self.__dict__:
-                other.__dict__[name] = self.__dict__[name]
-        other._radiomics = self._radiomics
-        return other
+        return self._sibling(self.config, features, params, ("_base", "has_volumes", "tabular", "archive"))
 
     def with_archive(self, archive: ArchiveConfig | None) -> "Site":
         """The same site with ``archive`` as its archive (:attr:`archive`); what is already prepared is
         shared (in-process use: the simulation's pretraining on its synthetic archives)."""
-        other = Site(with_archive(self.config, archive), self.seed,
-                     radiomics_features=self.radiomics_features, radiomics_params=self.radiomics_params,
+        return self._sibling(with_archive(self.config, archive), self.radiomics_features, self.radiomics_params,
+                             ("_base", "has_volumes", "tabular", "prepared"))
+
+    def _sibling(self, config: SiteConfig, features: Sequence[str], params: str, shared: Sequence[str]) -> "Site":
+        """A Site of ``config`` in this process (no snapshot) that takes over this one's ``shared`` cached
+        values and its radiomics tables."""
+        other = Site(config, self.seed, radiomics_features=features, radiomics_params=params,
                      workers=self.workers, progress=self.progress, snapshot_dir=None)
-        other.plan = self.plan  # self.config already holds the plan's preprocessing
-        for name in ("_base", "has_volumes", "tabular", "prepared"):
+        other.plan = self.plan  # config already holds the plan's preprocessing
+        for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
         other._radiomics = self._radiomics
@@ -202,18 +200,14 @@ class Site:
         labelled patients are (the run's plan) for self-supervised pretraining, less any labelled
         patient's scan (:func:`hccfed.client.prepare.without_labelled`); None without an archive.
         Its QC report is ``<cache_dir>/archive/qc_report.csv``."""
-        archive_config = self.config.archive_site()
-        if archive_config is None:
+        if self.config.archive is None:
             return None
 
         def build():
-            from hccfed.client.prepare import prepare_scans, without_labelled
+            from hccfed.client.prepare import prepare_archive
 
             _ = self._base  # the labelled cohort prepared first: its cache holds the voxel digests compared
-            scans = without_labelled(prepare_scans(archive_config, self.workers, self.progress), archive_config,
-                                     self.config)
-            scans.qc.write(archive_config.cache_dir)
-            return scans
+            return prepare_archive(self.config, self.workers, self.progress)
         return self._kept("archive", build, _prepared_to_arrays, _scans_from_arrays)
 
     def pretraining_images(self):

@@ -39,7 +39,6 @@ from scipy.stats import norm
 from hccfed.client.site import Site
 from hccfed.client.site_data import ALL, split_rows
 from hccfed.common.run_config import ENCODERS, RunConfig, option
-from hccfed.common.site_config import ArchiveConfig
 from hccfed.common.splits import fitted_split
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
@@ -47,7 +46,7 @@ from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle
 from hccfed.simulation.federated_runs import federated_run
 from hccfed.simulation.pretraining import federated_pretraining, pretraining_scans
 from hccfed.simulation.references import clinical_logistic_regression, train_reference
-from hccfed.simulation.settings import (REPO_ROOT, SimulationSettings, archive_folders, effective_site_configs,
+from hccfed.simulation.settings import (REPO_ROOT, SimulationSettings, synthetic_archives, effective_site_configs,
                                        ensure_cohort, extension_sites)
 from hccfed.simulation.simulate import plan_sites
 
@@ -191,9 +190,8 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     archives: dict[str, int] = {}
     pretraining: dict[str, Any] = {}
     if settings.pretrain_rounds:
-        folders = archive_folders(sim, settings.archive) if settings.archive else {}
-        archived = [s.with_archive(ArchiveConfig(folders[s.site_id], folders[s.site_id] / "manifest.csv"))
-                    if folders else s for s in sites]
+        folders = synthetic_archives(sim, settings.archive) if settings.archive else {}
+        archived = [s.with_archive(folders[s.site_id]) if folders else s for s in sites]
         scans = pretraining_scans(archived)
         archives = {s.site_id: len(s.archive) for s in archived if s.archive is not None}
         for encoder in settings.pretrained_encoders():

@@ -79,11 +79,11 @@ def flower_pretraining(settings, rounds: int, out: Path | None = None, archive: 
 
     from hccfed.server.pretrain_job import ENCODER_FILE, RESULTS_FILE, check_pretrain_config
     from hccfed.simulation.flower_runner import flwr_run
-    from hccfed.simulation.settings import REPO_ROOT, archive_folders, effective_site_configs, ensure_cohort
+    from hccfed.simulation.settings import REPO_ROOT, synthetic_archives, effective_site_configs, ensure_cohort
 
     run_dir = (settings.runs_dir / (settings.run_id or f"pretrain-flower-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     ensure_cohort(settings)
-    yamls = effective_site_configs(settings, run_dir, archive_folders(settings, archive) if archive else None)
+    yamls = effective_site_configs(settings, run_dir, synthetic_archives(settings, archive) if archive else None)
     run = replace(settings.run, job="pretrain", num_server_rounds=int(rounds),
                   site_configs=tuple(str(Path(p).resolve()) for p in yamls), run_dir=str(run_dir / "job"))
     check_pretrain_config(run)
@@ -113,11 +113,11 @@ def pretrain_demo(settings, rounds: int, archive: int = 0, out: Path | None = No
     pretrain job over Flower instead (:func:`flower_pretraining`), on the same scans."""
     if flower:
         return flower_pretraining(settings, rounds, out, archive)
-    from hccfed.simulation.settings import archive_folders, effective_site_configs, ensure_cohort
+    from hccfed.simulation.settings import synthetic_archives, effective_site_configs, ensure_cohort
     from hccfed.simulation.simulate import plan_sites
 
     run_dir = settings.runs_dir / (settings.run_id or "pretrain")
     ensure_cohort(settings)
     sites = plan_sites(settings, effective_site_configs(settings, run_dir,
-                                                        archive_folders(settings, archive) if archive else None))
+                                                        synthetic_archives(settings, archive) if archive else None))
     return federated_pretraining(pretraining_scans(sites), settings.run, rounds, out or run_dir / "encoder.pt")

@@ -56,25 +56,24 @@ def ensure_cohort(settings: SimulationSettings) -> None:
 
 
 def effective_site_configs(settings: SimulationSettings, run_dir: Path,
-                           archives: Mapping[str, Path] | None = None) -> list[Path]:
+                           archives: Mapping[str, ArchiveConfig] | None = None) -> list[Path]:
     """Each site's YAML with absolute paths into this cohort, written into the run folder; with
-    ``archives`` ({site id: folder}, :func:`archive_folders`) each names its archive (``archive:``)."""
+    ``archives`` ({site id: its archive}, :func:`synthetic_archives`) each names it (``archive:``)."""
     archives = archives or {}
     return [relocated_site_config(p.config_path, settings.data_dir / p.site_id, settings.cache_dir / p.site_id,
-                                  run_dir / "sites" / f"{p.site_id}.yaml",
-                                  archive=(ArchiveConfig(archives[p.site_id], archives[p.site_id] / "manifest.csv")
-                                           if p.site_id in archives else None)).source
+                                  run_dir / "sites" / f"{p.site_id}.yaml", archive=archives.get(p.site_id)).source
             for p in settings.sites]
 
 
-def archive_folders(settings: SimulationSettings, n_patients: int) -> dict[str, Path]:
+def synthetic_archives(settings: SimulationSettings, n_patients: int) -> dict[str, ArchiveConfig]:
     """Each hospital's archive of ``n_patients`` other patients' scans, for self-supervised pretraining
     (generated under ``<data_dir>/../archive`` when missing; its manifest's outcome and lab columns are
-    never read: the site reads it as a scans-only manifest): {site id: its folder}."""
+    never read: the site reads it as a scans-only manifest): {site id: its archive}."""
     profiles = holdout_profiles(settings.sites, n_patients, ARCHIVE_FIRST_INDEX)
     data_dir = settings.data_dir.parent / "archive"
     ensure_synthetic(data_dir, settings.seed, profiles, settings.workers, settings.fov_mm)
-    return {p.site_id: (data_dir / p.site_id).resolve() for p in profiles}
+    folders = {p.site_id: (data_dir / p.site_id).resolve() for p in profiles}
+    return {site: ArchiveConfig(folder, folder / "manifest.csv") for site, folder in folders.items()}
 
 
 def ensure_synthetic(data_dir: Path, seed: int, profiles: tuple[SiteProfile, ...], workers: int | None,
