@@ -42,7 +42,8 @@ from hccfed.common.run_config import ENCODERS, RunConfig, option
 from hccfed.common.splits import fitted_split
 from hccfed.simulation.classical_models import classical_model_results
 from hccfed.simulation.cohort import DEFAULT_SITES, SiteProfile
-from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, oracle_figures, paired_delong_tests
+from hccfed.simulation.evaluation import (EvaluationSets, TestPredictions, late_fusion, oracle_figures,
+                                          paired_delong_tests)
 from hccfed.simulation.federated_runs import federated_run
 from hccfed.simulation.pretraining import federated_pretraining, pretraining_scans
 from hccfed.simulation.references import clinical_logistic_regression, train_reference
@@ -79,6 +80,9 @@ class BenchmarkSettings:
                                   "tokens) of this many rounds on each hospital's training scans and archive "
                                   "(rows '+ pretraining'; 0: not)", minimum=0)
     archive: int = option(0, "scans per hospital in its unlabelled archive, for the pretraining", minimum=0)
+    late_fusion: bool = option(True, "also score the late fusions: each patient's mean of the logits of two or "
+                               "more of the federated encoders' models and RCR (equal weights, nothing fitted), "
+                               "rows 'late fusion (...)'")
     cv_folds: int = option(5, "federated K-fold cross-validation (the run option cv-folds): every neural model "
                            "chooses its round, recalibration and threshold on the out-of-fold tables of the training "
                            "and validation patients, then learns from all of them, as do the classical models "
@@ -213,6 +217,9 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
                                                                                          split=fitted)
     models.update(classical)
     reference = f"federated {settings.encoder_list()[0]}"
+    fusions = late_fusions(settings) if settings.late_fusion else {}
+    for name, members in fusions.items():
+        models[name] = late_fusion(book, sets, members, name)
     result = {
         "seed": seed,
         "config": _seed_config(settings, seed),
@@ -224,7 +231,10 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
         "cv_folds": settings.cv_folds,
         "models": {name: _model_row(m) for name, m in models.items()},
         "oracle": _model_row(oracle_figures([sim.data_dir, sim.data_dir.parent / "holdout"], sets)),
-        "paired_delong": paired_delong_tests(book, reference),
+        "paired_delong": paired_delong_tests(book, reference, [m for m in models if m not in fusions]),
+        **({"paired_delong_late_fusion": {
+            name: paired_delong_tests(book, name, [*members, *(m for m in FUSION_COMPARED if m not in members)])
+            for name, members in fusions.items()}} if fusions else {}),
         **({"pretraining": {e: {k: v for k, v in p.items() if k != "history"} for e, p in pretraining.items()},
             "pretraining_loss": {e: [h["loss"] for h in p["history"]] for e, p in pretraining.items()}}
            if pretraining else {}),
@@ -234,10 +244,29 @@ def benchmark_seed(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     return result
 
 
+#: What each late fusion is tested against besides its members.
+FUSION_COMPARED = ("RCR (federated)", "clinical-only (centralized)")
+
+
+def late_fusions(settings: BenchmarkSettings) -> dict[str, list[str]]:
+    """Each late fusion's members: every set of two or more of the federated encoders' models (without
+    pretraining) and RCR holding at least one of the neural models, by name."""
+    from itertools import combinations
+
+    pool = [f"federated {e}" for e in settings.encoder_list()] + ["RCR (federated)"]
+    out = {}
+    for size in range(2, len(pool) + 1):
+        for members in combinations(pool, size):
+            if any(m.startswith("federated ") for m in members):
+                out["late fusion (" + " + ".join(m.replace(" (federated)", "") for m in members) + ")"] = list(members)
+    return out
+
+
 def _seed_config(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     """What a seed's results depend on: a kept result is reused only when these are the same."""
     return {"holdout": settings.holdout_size(), "encoders": settings.encoder_list(),
             "pretrain_rounds": settings.pretrain_rounds, "archive": settings.archive,
+            "late_fusion": settings.late_fusion,
             "sites": {p.site_id: p.n_patients for p in settings.sites},
             "run": replace(settings.model_options(), seed=seed).to_flwr()}
 
@@ -297,7 +326,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         rows[name]["per_seed_auc"] = [f["auc"] for f in found]
     combined = {}
     for r in per_seed:
-        for test in (r["paired_delong"].get("tests") or []):
+        families = [r["paired_delong"], *(r.get("paired_delong_late_fusion") or {}).values()]
+        for test in (t for family in families for t in (family.get("tests") or [])):
             if "diff" in test:
                 combined.setdefault((test["model_a"], test["model_b"]), []).append(test)
     paired = [{"model_a": a, "model_b": b, **combine_paired(tests)} for (a, b), tests in combined.items()]

@@ -68,11 +68,23 @@ class TestPredictions:
 
     def __init__(self) -> None:
         self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.patients: dict[str, list[str]] = {}
         self.scores: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, model: str, site_id: str, data: SplitData, scores: np.ndarray) -> None:
+        """``model``'s scores of ``data``'s patients at ``site_id``, in ``data``'s order: the same patients
+        in the same order as every other model's at that site, or refused (a paired test or a late fusion
+        of misaligned scores would pair one patient's score with another's outcome)."""
+        scores = np.asarray(scores, dtype=float)
+        ids = [str(p) for p in data.patient_ids]
+        if scores.shape != (len(ids),):
+            raise ValueError(f"{model} at {site_id}: {scores.shape} scores for {len(ids)} patients")
+        known = self.patients.setdefault(site_id, ids)
+        if known != ids:
+            raise ValueError(f"{model} at {site_id}: its patients are not those (or not in the order) of the "
+                             f"models already recorded there ({len(ids)} against {len(known)})")
         self.rows.setdefault(site_id, (data.labels.numpy(), data.times.numpy(), data.events.numpy()))
-        self.scores.setdefault(site_id, {})[model] = np.asarray(scores, dtype=float)
+        self.scores.setdefault(site_id, {})[model] = scores
 
     def models(self) -> list[str]:
         """The models every site has scores of."""
@@ -140,7 +152,29 @@ def evaluate_on_test(model: torch.nn.Module, sets: EvaluationSets, name: str | N
     return evaluate_scores(rows, validation, recalibration)
 
 
-def paired_delong_tests(book: TestPredictions, reference: str | None = "federated") -> dict[str, Any]:
+def late_fusion(book: TestPredictions, sets: EvaluationSets, members: list[str], name: str) -> dict[str, Any]:
+    """A late fusion of models already in ``book``: each test patient's mean of their logits (equal weights,
+    nothing fitted, so no patient chooses them), scored at each site from the scores the site holds, and
+    recorded in ``book`` under ``name``. Seed 002's DLRCR combines the deep, radiomics and clinical scores
+    at this level. The members' logits must be on the log-odds scale (the neural models' raw logits, the
+    classical models' linear predictors). No operating point or recalibration: both would need the
+    members' out-of-fold scores at the same patients, which no site holds for every member."""
+    if len(members) < 2:
+        raise ValueError(f"{name}: a late fusion needs two models or more, got {members}")
+    rows = []
+    for site_id, data in sets:
+        held = book.scores.get(site_id, {})
+        missing = [m for m in members if m not in held]
+        if missing:
+            raise ValueError(f"{name}: no scores of {', '.join(missing)} at {site_id}")
+        logits = np.mean([held[m] for m in members], axis=0)
+        book.add(name, site_id, data, logits)
+        rows.append((site_id, data, logits, logits))
+    return {**evaluate_scores(rows, recalibration="none"), "members": list(members)}
+
+
+def paired_delong_tests(book: TestPredictions, reference: str | None = "federated",
+                        against: list[str] | None = None) -> dict[str, Any]:
     """Paired DeLong tests between the models in ``book``, by the two-round summary protocol.
 
     Round 1: each site's score table of every model, pooled. Round 2: each
@@ -148,8 +182,8 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
     (:func:`common.metrics.federated_delong.placement_request` /
     :func:`~common.metrics.federated_delong.placement_sums`), pooled; the test
     follows from those sums only. ``reference`` is compared with every other
-    model (all pairs when it is absent); p-values Holm-adjusted over the
-    tests made. Same format as `pool-summaries`.
+    model, or with those of ``against`` (all pairs when it is absent); p-values
+    Holm-adjusted over the tests made. Same format as `pool-summaries`.
     """
     models = book.models()
     if len(models) < 2:
@@ -160,8 +194,8 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
     answers = [placement_sums(book.rows[s][0], {m: book.scores[s][m] for m in models},
                               placement_request(pooled, tables[s], s)) for s in book.scores]
     total = pool_placement_sums(answers)
-    pairs = ([(reference, m) for m in models if m != reference] if reference in models
-             else list(itertools.combinations(models, 2)))
+    pairs = ([(reference, m) for m in models if m != reference and (against is None or m in against)]
+             if reference in models else list(itertools.combinations(models, 2)))
     tests = []
     for a, b in pairs:
         try:

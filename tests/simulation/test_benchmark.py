@@ -71,6 +71,17 @@ def test_the_benchmark_cross_validates_by_default_and_passes_its_folds_to_every_
         BenchmarkSettings(cv_folds=1).model_options()
 
 
+def test_late_fusions_are_every_set_of_two_or_more_members_with_a_neural_model():
+    from hccfed.simulation.benchmark import late_fusions
+
+    assert late_fusions(BenchmarkSettings(encoders="cnn")) == {
+        "late fusion (federated cnn + RCR)": ["federated cnn", "RCR (federated)"]}
+    fusions = late_fusions(BenchmarkSettings(encoders="cnn,vit"))
+    assert list(fusions) == ["late fusion (federated cnn + federated vit)", "late fusion (federated cnn + RCR)",
+                             "late fusion (federated vit + RCR)", "late fusion (federated cnn + federated vit + RCR)"]
+    assert len(late_fusions(BenchmarkSettings(encoders="cnn,resnet10,vit"))) == 11  # every set of 2 to 4 of the 4
+
+
 def test_paired_differences_combine_by_inverse_variance():
     tests = [{"diff": 0.04, "se": 0.02}, {"diff": -0.01, "se": 0.05}, {"diff": 0.02, "se": 0.01}]
     w = np.array([1 / 0.02**2, 1 / 0.05**2, 1 / 0.01**2])
@@ -125,6 +136,11 @@ def test_benchmark_end_to_end_on_tiny_hospitals(tiny_site_profiles, tmp_path):
     assert "encoder initialised from" in (out / "seed-5" / "flower-federated-cnn-pretraining.log").read_text()
     tested = {(t["model_a"], t["model_b"]) for t in seed["paired_delong"]["tests"]}
     assert ("federated cnn", "centralized cnn") in tested
+    # the late fusion of the federated model and RCR, tested against both and the clinical-only model
+    fusion = "late fusion (federated cnn + RCR)"
+    assert fusion in models and not any(fusion in pair for pair in tested)
+    assert {(t["model_a"], t["model_b"]) for t in seed["paired_delong_late_fusion"][fusion]["tests"]} == {
+        (fusion, "federated cnn"), (fusion, "RCR (federated)"), (fusion, "clinical-only (centralized)")}
     assert set(result["summary"]["models"]) == set(models) | {"oracle"}
     assert (out / "benchmark.png").stat().st_size > 0
     assert "| federated cnn |" in (out / "benchmark.md").read_text()

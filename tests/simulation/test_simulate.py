@@ -19,7 +19,7 @@ from hccfed.client.site_data import SplitData
 from hccfed.common.metrics.clinical import delong_paired_test
 from hccfed.client.site import builds_of
 from hccfed.common.run_config import RunConfig
-from hccfed.simulation.evaluation import TestPredictions, paired_delong_tests
+from hccfed.simulation.evaluation import EvaluationSets, TestPredictions, late_fusion, paired_delong_tests
 from hccfed.simulation.settings import SimulationSettings
 from hccfed.simulation.simulate import simulate
 
@@ -152,6 +152,53 @@ def _split(labels, times) -> SplitData:
     return SplitData(images=None, clinical=None, labels=torch.as_tensor(labels), times=torch.as_tensor(times),
                      events=torch.ones(n, dtype=torch.int64), patient_ids=np.arange(n).astype(str),
                      site_ids=np.full(n, "x"))
+
+
+def test_late_fusion_is_the_mean_logit_scored_at_each_site_and_tested_like_any_model():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    book, sets, pooled = TestPredictions(), [], {"y": [], "a": [], "b": [], "c": []}
+    for site, n, prevalence in (("s1", 90, 0.2), ("s2", 31, 0.6), ("s3", 55, 0.4)):  # unequal, skewed sites
+        y = (rng.uniform(size=n) < prevalence).astype(int)
+        data = _split(y, rng.uniform(1, 40, n))
+        sets.append((site, data))
+        members = {"a": np.round(3.0 * (y + rng.normal(0, 1.2, n)) - 40, 0),  # another scale, with ties
+                   "b": 0.2 * (y + rng.normal(0, 1.0, n)), "c": rng.normal(0, 1, n)}
+        for model, score in members.items():
+            book.add(model, site, data, score)
+            pooled[model].append(score)
+        pooled["y"].append(y)
+    sets = EvaluationSets(sets)
+    result = late_fusion(book, sets, ["a", "b"], "a + b")
+    y = np.concatenate(pooled["y"])
+    mean = (np.concatenate(pooled["a"]) + np.concatenate(pooled["b"])) / 2
+    assert result["members"] == ["a", "b"]
+    assert result["test"]["auc"] == pytest.approx(roc_auc_score(y, mean), abs=1e-12)
+    assert result["test"]["n_patients"] == len(y) and "recalibrated" not in result
+    slope = LogisticRegression(C=np.inf).fit(mean[:, None], y).coef_[0, 0]
+    assert result["figures"]["calibration"]["slope"] == pytest.approx(slope, rel=1e-4)
+    for site, data in sets:  # recorded at each site, so the paired tests see it
+        assert np.array_equal(book.scores[site]["a + b"], (book.scores[site]["a"] + book.scores[site]["b"]) / 2)
+    tests = paired_delong_tests(book, "a + b", ["a", "b"])["tests"]
+    assert [(t["model_a"], t["model_b"]) for t in tests] == [("a + b", "a"), ("a + b", "b")]
+    for test in tests:
+        check = delong_paired_test(y, mean, np.concatenate(pooled[test["model_b"]]))
+        assert test["p_value"] == pytest.approx(check["p_value"], abs=1e-6)
+    with pytest.raises(ValueError, match="two models or more"):
+        late_fusion(book, sets, ["a"], "a alone")
+    with pytest.raises(ValueError, match="no scores of d at s1"):
+        late_fusion(book, sets, ["a", "d"], "a + d")
+    # a model's scores of other patients, or of the same in another order, are refused, not paired
+    site, data = sets[1]
+    order = np.arange(len(data))[::-1].copy()
+    shuffled = SplitData(images=None, clinical=None, labels=data.labels[order], times=data.times[order],
+                         events=data.events[order], patient_ids=data.patient_ids[order], site_ids=data.site_ids)
+    with pytest.raises(ValueError, match="not in the order"):
+        book.add("d", site, shuffled, book.scores[site]["a"][order])
+    with pytest.raises(ValueError, match="scores for 31 patients"):
+        book.add("d", site, data, np.zeros(30))
 
 
 def test_paired_delong_from_two_summary_rounds_equals_the_pooled_test():
