@@ -266,7 +266,7 @@ def _seed_config(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:
     """What a seed's results depend on: a kept result is reused only when these are the same."""
     return {"holdout": settings.holdout_size(), "encoders": settings.encoder_list(),
             "pretrain_rounds": settings.pretrain_rounds, "archive": settings.archive,
-            "late_fusion": settings.late_fusion,
+            **({"late_fusion": True} if settings.late_fusion else {}),  # kept results from before it stay usable
             "sites": {p.site_id: p.n_patients for p in settings.sites},
             "run": replace(settings.model_options(), seed=seed).to_flwr()}
 
@@ -404,7 +404,9 @@ def run_benchmark(settings: BenchmarkSettings = BenchmarkSettings()) -> Path:
     """Every seed (each seed's results kept: a rerun continues), then the table and plot; returns the folder."""
     seeds, holdout = settings.seed_list(), settings.holdout_size()
     settings.pretrained_encoders()
-    settings.model_options()
+    if settings.late_fusion and settings.model_options().local_norm:
+        raise ValueError("late fusion: with local-norm each site tests its own variant of the federated model, so "
+                         "there is no one federated score to fuse (use --no-late-fusion)")
     device = select_device(settings.device)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("benchmark: seeds %s, %d held-out patients per hospital, encoders %s, on %s", seeds, holdout,

@@ -186,6 +186,8 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
     Holm-adjusted over the tests made. Same format as `pool-summaries`.
     """
     models = book.models()
+    if against is not None and reference not in models:
+        return {"status": f"{reference} has no scores at every site: no paired test against it"}
     if len(models) < 2:
         return {"status": "one model only: no paired test"}
     tables = {s: {m: site_summary(book.rows[s][0], book.scores[s][m], book.rows[s][1], book.rows[s][2])
@@ -202,6 +204,8 @@ def paired_delong_tests(book: TestPredictions, reference: str | None = "federate
             tests.append({"model_a": a, "model_b": b, **delong_paired_from_sums(total, a, b)})
         except ValueError as err:
             tests.append({"model_a": a, "model_b": b, "error": str(err)})
+    tests += [{"model_a": reference, "model_b": m, "error": "no scores at every site"}
+              for m in (against or ()) if m != reference and m not in models]
     return {"status": "computed", "tests": with_holm(tests)}
 
 

@@ -186,6 +186,10 @@ def test_late_fusion_is_the_mean_logit_scored_at_each_site_and_tested_like_any_m
     for test in tests:
         check = delong_paired_test(y, mean, np.concatenate(pooled[test["model_b"]]))
         assert test["p_value"] == pytest.approx(check["p_value"], abs=1e-6)
+    # a comparator or a reference some site lacks is said, not dropped
+    missing = paired_delong_tests(book, "a + b", ["a", "nowhere"])["tests"]
+    assert [(t["model_b"], "error" in t) for t in missing] == [("a", False), ("nowhere", True)]
+    assert "no paired test" in paired_delong_tests(book, "nowhere", ["a"])["status"]
     with pytest.raises(ValueError, match="two models or more"):
         late_fusion(book, sets, ["a"], "a alone")
     with pytest.raises(ValueError, match="no scores of d at s1"):
