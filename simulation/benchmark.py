@@ -250,16 +250,13 @@ FUSION_COMPARED = ("RCR (federated)", "clinical-only (centralized)")
 
 def late_fusions(settings: BenchmarkSettings) -> dict[str, list[str]]:
     """Each late fusion's members: every set of two or more of the federated encoders' models (without
-    pretraining) and RCR holding at least one of the neural models, by name."""
+    pretraining) and RCR, by name (RCR being the one classical member, each set holds a neural model)."""
     from itertools import combinations
 
     pool = [f"federated {e}" for e in settings.encoder_list()] + ["RCR (federated)"]
-    out = {}
-    for size in range(2, len(pool) + 1):
-        for members in combinations(pool, size):
-            if any(m.startswith("federated ") for m in members):
-                out["late fusion (" + " + ".join(m.replace(" (federated)", "") for m in members) + ")"] = list(members)
-    return out
+    sets = (list(members) for size in range(2, len(pool) + 1) for members in combinations(pool, size))
+    return {"late fusion (" + " + ".join(m.replace(" (federated)", "") for m in members) + ")": members
+            for members in sets}
 
 
 def _seed_config(settings: BenchmarkSettings, seed: int) -> dict[str, Any]:

@@ -79,10 +79,10 @@ def test_late_fusions_are_every_set_of_two_or_more_members_with_a_neural_model()
     fusions = late_fusions(BenchmarkSettings(encoders="cnn,vit"))
     assert list(fusions) == ["late fusion (federated cnn + federated vit)", "late fusion (federated cnn + RCR)",
                              "late fusion (federated vit + RCR)", "late fusion (federated cnn + federated vit + RCR)"]
-    assert len(late_fusions(BenchmarkSettings(encoders="cnn,resnet10,vit"))) == 11
+    assert len(late_fusions(BenchmarkSettings(encoders="cnn,resnet10,vit"))) == 11  # every set of 2 to 4 of the 4
     # with local norms there is no one federated score to fuse: refused before any training
     with pytest.raises(ValueError, match="no-late-fusion"):
-        run_benchmark(BenchmarkSettings(cv_folds=0, seeds="1", run=RunConfig(local_norm=True)))  # every set of 2 to 4 of the 4
+        run_benchmark(BenchmarkSettings(cv_folds=0, seeds="1", run=RunConfig(local_norm=True)))
 
 
 def test_paired_differences_combine_by_inverse_variance():
